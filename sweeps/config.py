@@ -1,0 +1,391 @@
+"""Load a search-space YAML into one validated `SweepConfig`.
+
+Every problem is raised as a single `InputError` naming the file, the line, the field and what is
+allowed, before anything heavy (torch, a model, a dataset) is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from objectives.registry import OBJECTIVES
+from sweeps.errors import InputError
+from sweeps.trial import PARAM_NAMES, TrialParams
+
+Scalar = bool | int | float | str | None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantizationConfig(_Section):
+    """bitsandbytes 4-bit settings used by trials whose method is `qlora`."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ModelConfig(_Section):
+    """The base model every trial starts from."""
+
+    name_or_path: str = Field(description="hub id (org/name) or local folder")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = None
+    trust_remote_code: bool = False
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+
+
+class DataConfig(_Section):
+    """Where the SFT examples are and how they become chat messages."""
+
+    format: Literal["alpaca", "sharegpt", "messages"]
+    train_file: Path
+    eval_file: Path | None = None
+    eval_split: float = Field(0.1, gt=0, lt=1, description="share of train held out when eval_file is unset")
+    system_prompt: str | None = None
+    chat_template: str | None = Field(
+        None, description="'chatml', a Jinja template, or unset for the model's"
+    )
+    max_samples: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class ObjectiveConfig(_Section):
+    """How a trained trial is scored."""
+
+    name: str
+    direction: Literal["minimize", "maximize"] | None = None
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=8, description="eval sequences are cut here, the same for every trial")
+
+
+class FloatParam(_Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    when: dict[str, list[Scalar]] | None = None
+
+
+class IntParam(_Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+    when: dict[str, list[Scalar]] | None = None
+
+
+class CategoricalParam(_Section):
+    type: Literal["categorical"]
+    choices: list[Scalar]
+    when: dict[str, list[Scalar]] | None = None
+
+
+class BoolParam(_Section):
+    type: Literal["bool"]
+    when: dict[str, list[Scalar]] | None = None
+
+    @property
+    def choices(self) -> list[bool]:
+        return [False, True]
+
+
+ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam | BoolParam, Field(discriminator="type")]
+PARAM_TYPES = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam, "bool": BoolParam}
+
+
+class BudgetConfig(_Section):
+    trials: int = Field(20, ge=1, description="finished (complete or pruned) trials the study should hold")
+    timeout: float | None = Field(None, gt=0, description="seconds for this invocation of `sweep run`")
+    max_failed_trials: int | None = Field(5, ge=1)
+
+
+class SamplerConfig(_Section):
+    type: Literal["tpe", "random", "grid", "cmaes", "gp"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int | None = Field(None, ge=0)
+
+
+class PrunerConfig(_Section):
+    type: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str | None = None
+    artifact_location: str = "mlruns/artifacts"
+    log_adapter: bool = True
+
+
+class SweepConfig(_Section):
+    """One validated search-space file: what to tune, on what, scored how, recorded where."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    space: dict[str, ParamSpec]
+    training: dict[str, Any] = Field(default_factory=dict)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    storage: str | None = Field(None, description="Optuna storage URL; unset: a journal file under mlruns/")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    source: Path = Field(Path("<memory>"), exclude=True)
+
+    model_config = ConfigDict(extra="forbid")
+
+    @property
+    def direction(self) -> Literal["minimize", "maximize"]:
+        """The objective's direction: as configured, else the objective's natural one."""
+        return self.objective.direction or OBJECTIVES[self.objective.name].direction
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def fixed_params(self) -> dict[str, Any]:
+        """The `training:` section: values every trial uses for parameters outside the space."""
+        return dict(self.training)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-5`); learning rates written as `1e-5`
+    would otherwise arrive as strings and compare wrongly in ranges.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _line_map(node: yaml.Node, file: Path, path: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
+    """Map each key path (('space', 'lora_rank', 'low')) to its 1-based line; reject duplicate keys."""
+    lines = {} if lines is None else lines
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                dotted = ".".join(str(p) for p in (*path, key))
+                raise InputError(
+                    file, "duplicate key (YAML keeps only the last)", dotted, key_node.start_mark.line + 1
+                )
+            seen.add(key)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _line_map(value_node, file, (*path, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, file, (*path, index), lines)
+    return lines
+
+
+def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds, looking through Optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, UnionType):
+        for arg in get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_keys(raw: dict, model: type[BaseModel], loc: tuple, err) -> None:
+    """Name the first unknown key with the list of allowed ones (pydantic only says 'extra input')."""
+    allowed = [name for name, field in model.model_fields.items() if not field.exclude]
+    for key, value in raw.items():
+        if key not in allowed:
+            raise err((*loc, key), f"unknown field {key!r}; allowed: {', '.join(allowed)}")
+        sub = _section_model(model.model_fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, (*loc, key), err)
+
+
+def _check_space_shape(space: Any, err) -> None:
+    if not isinstance(space, dict) or not space:
+        raise err(("space",), "must map parameter names to specs, e.g. learning_rate: {type: float, ...}")
+    for name, spec in space.items():
+        if name not in PARAM_NAMES:
+            raise err(("space", name), f"unknown parameter {name!r}; allowed: {', '.join(PARAM_NAMES)}")
+        if not isinstance(spec, dict):
+            raise err(("space", name), "must be a mapping with a 'type' (float, int, categorical, bool)")
+        kind = spec.get("type")
+        if kind not in PARAM_TYPES:
+            raise err(
+                ("space", name, "type"), f"unknown parameter type {kind!r}; allowed: {', '.join(PARAM_TYPES)}"
+            )
+        _check_keys(spec, PARAM_TYPES[kind], ("space", name), err)
+
+
+def _validate_param_value(name: str, value: Any) -> str | None:
+    """None if `value` is acceptable for TrialParams.<name>, else pydantic's reason."""
+    field = TrialParams.model_fields[name]
+    annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    try:
+        TypeAdapter(annotation).validate_python(value)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    return None
+
+
+def _check_space_semantics(cfg: SweepConfig, err) -> None:
+    for name, spec in cfg.space.items():
+        loc = ("space", name)
+        if isinstance(spec, (FloatParam, IntParam)):
+            if spec.low > spec.high:
+                raise err((*loc, "low"), f"low ({spec.low}) must be <= high ({spec.high})")
+            if spec.log and spec.low <= 0:
+                raise err((*loc, "low"), f"log scale needs low > 0 (got {spec.low})")
+            if spec.log and isinstance(spec, FloatParam) and spec.step is not None:
+                raise err((*loc, "step"), "step cannot be combined with log: true")
+            if spec.log and isinstance(spec, IntParam) and spec.step != 1:
+                raise err((*loc, "step"), "an int parameter on a log scale must have step 1")
+            for bound in ("low", "high"):
+                reason = _validate_param_value(name, getattr(spec, bound))
+                if reason:
+                    raise err((*loc, bound), f"{getattr(spec, bound)!r} is not valid for {name}: {reason}")
+        else:
+            choices = spec.choices
+            if not choices:
+                raise err((*loc, "choices"), "needs at least one choice")
+            if len(set(map(repr, choices))) != len(choices):
+                raise err((*loc, "choices"), f"repeats a choice: {choices}")
+            for index, choice in enumerate(choices):
+                reason = _validate_param_value(name, choice)
+                if reason:
+                    raise err((*loc, "choices", index), f"{choice!r} is not valid for {name}: {reason}")
+        for parent, values in (spec.when or {}).items():
+            if parent not in cfg.space:
+                known = ", ".join(n for n in cfg.space if n != name)
+                raise err(
+                    (*loc, "when", parent), f"conditional on unknown parameter {parent!r}; space has: {known}"
+                )
+            if parent == name:
+                raise err((*loc, "when", parent), "a parameter cannot be conditional on itself")
+            parent_spec = cfg.space[parent]
+            if not isinstance(parent_spec, (CategoricalParam, BoolParam)):
+                raise err(
+                    (*loc, "when", parent),
+                    f"can only depend on a categorical or bool parameter; {parent!r} is not",
+                )
+            for value in values:
+                if value not in parent_spec.choices:
+                    raise err(
+                        (*loc, "when", parent),
+                        f"{value!r} is not a choice of {parent!r}; choices: {parent_spec.choices}",
+                    )
+
+
+def _check_training(cfg: SweepConfig, err) -> None:
+    for name, value in cfg.training.items():
+        if name not in PARAM_NAMES:
+            raise err(("training", name), f"unknown parameter {name!r}; allowed: {', '.join(PARAM_NAMES)}")
+        if name in cfg.space:
+            raise err(("training", name), f"{name!r} is both fixed here and searched in space; keep one")
+        reason = _validate_param_value(name, value)
+        if reason:
+            raise err(("training", name), f"{value!r} is not valid: {reason}")
+
+
+def _resolve_paths(cfg: SweepConfig, base: Path) -> None:
+    """Relative data paths resolve against the YAML's folder, so a space file and its data travel together."""
+    data = cfg.data
+    data.train_file = (base / data.train_file).resolve()
+    if data.eval_file is not None:
+        data.eval_file = (base / data.eval_file).resolve()
+    local = base / cfg.model.name_or_path
+    if cfg.model.name_or_path.startswith((".", "/", "~")) or local.exists():
+        cfg.model.name_or_path = str(Path(local).expanduser().resolve())
+
+
+def parse_config(text: str, file: Path) -> SweepConfig:
+    """Validate YAML text as a `SweepConfig`; `file` is used for messages and relative paths."""
+
+    def err(loc: tuple, message: str) -> InputError:
+        return InputError(file, message, _dotted(loc) or None, _line_of(lines, loc))
+
+    try:
+        node = yaml.compose(text, Loader=_YamlLoader)
+        raw = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(file, f"invalid YAML: {problem}", None, mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise InputError(file, "must be a YAML mapping with at least name, model, data, objective, space")
+    lines = _line_map(node, file)
+
+    _check_keys(raw, SweepConfig, (), err)
+    _check_space_shape(raw.get("space"), err)
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(p for p in first["loc"] if p not in PARAM_TYPES or len(first["loc"]) < 3)
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            message = "is required"
+        raise err(loc, message) from None
+    if cfg.objective.name not in OBJECTIVES:
+        raise err(
+            ("objective", "name"),
+            f"unknown objective {cfg.objective.name!r}; allowed: {', '.join(OBJECTIVES)}",
+        )
+    _check_space_semantics(cfg, err)
+    _check_training(cfg, err)
+    _resolve_paths(cfg, file.parent)
+    cfg.source = file
+    return cfg
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a search-space file; raises `InputError` with file, line and field."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(file, "search-space file not found")
+    return parse_config(file.read_text(encoding="utf-8"), file)

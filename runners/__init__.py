@@ -1,0 +1,1 @@
+"""How a trial trains: data preparation, the cached base model, and the SFT run itself."""

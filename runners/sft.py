@@ -1,0 +1,256 @@
+"""One trial: LoRA, rsLoRA, QLoRA or full SFT with TRL on the cached base, then scoring.
+
+A `TrialRunner` lives as long as its worker. It knows neither Optuna nor MLflow: it takes
+`TrialParams` and plain callbacks, and returns a `TrialResult`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from objectives.base import EvalData
+from objectives.registry import load_objective
+from runners.data import SplitExamples, TokenizedCache, load_splits, resolve_chat_template
+from runners.memory import PeakMemory
+from runners.models import ModelCache
+from sweeps.config import SweepConfig
+from sweeps.trial import Timings, TrialParams, TrialResult, TrialStatus
+
+
+def _ignore_step(step: int, total: int) -> None:
+    return None
+
+
+def _ignore_log(metrics: dict[str, float], step: int) -> None:
+    return None
+
+
+@dataclass
+class TrialCallbacks:
+    """Hooks a trial calls while it trains; the orchestrator decides what they do."""
+
+    on_step: Callable[[int, int], None] = _ignore_step
+    on_log: Callable[[dict[str, float], int], None] = _ignore_log
+
+
+class _Bridge(TrainerCallback):
+    """Forwards the trainer's progress and logs to `TrialCallbacks`."""
+
+    def __init__(self, callbacks: TrialCallbacks):
+        self.callbacks = callbacks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.callbacks.on_step(0, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.callbacks.on_step(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Step logs call the loss `loss`; the end-of-training summary calls the run's mean
+        # `train_loss`. Renaming both keeps the per-step curve clean under one name.
+        renames = {"loss": "train_loss", "train_loss": "train_loss_mean"}
+        metrics = {
+            renames.get(key, key): float(value)
+            for key, value in (logs or {}).items()
+            if isinstance(value, (int, float)) and key not in {"epoch", "total_flos"}
+        }
+        if metrics:
+            self.callbacks.on_log(metrics, state.global_step)
+
+
+@dataclass
+class _Trainable:
+    """The model a trial trains and how to give the shared base back afterwards."""
+
+    model: torch.nn.Module
+    release: Callable[[], None] = field(default=lambda: None)
+
+
+class TrialRunner:
+    """Trains and scores trials one after another, paying model load and tokenization once.
+
+    `prepare()` reads and validates the data and the tokenizer; the base model is loaded by the
+    first trial that needs it and reused by the rest.
+    """
+
+    def __init__(self, config: SweepConfig, cache_dir: Path | None = None):
+        self.config = config
+        self.models = ModelCache(config.model)
+        self.tokenized = TokenizedCache(cache_dir)
+        self.objective = load_objective(config.objective.name)(config.objective)
+        self._splits: SplitExamples | None = None
+        self._template: str | None = None
+
+    def prepare(self) -> None:
+        """Validate data rows and the chat template; cheap, and raises `InputError` on bad input."""
+        if self._splits is None:
+            self._splits = load_splits(self.config.data)
+            self._template = resolve_chat_template(self.models.tokenizer(), self.config.data.chat_template)
+
+    def _trainable(self, params: TrialParams) -> _Trainable:
+        base = self.models.base(quantized=params.method == "qlora")
+        if params.method == "full":
+            # Full fine-tuning changes every weight, so it trains a copy and the shared base stays clean.
+            model = copy.deepcopy(base)
+            model.requires_grad_(True)
+            return _Trainable(model)
+        if params.method == "qlora" and not getattr(base, "_sweep_kbit_prepared", False):
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+            base._sweep_kbit_prepared = True
+        lora = LoraConfig(
+            r=params.lora_rank,
+            lora_alpha=params.lora_alpha,
+            lora_dropout=params.lora_dropout,
+            use_rslora=params.use_rslora,
+            target_modules=params.target_module_list(),
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(base, lora)
+
+        def release() -> None:
+            peft_model.unload()
+            if params.gradient_checkpointing:
+                base.gradient_checkpointing_disable()
+                base.disable_input_require_grads()
+
+        return _Trainable(peft_model, release)
+
+    def _sft_config(self, params: TrialParams, output_dir: Path) -> SFTConfig:
+        on_gpu = torch.cuda.is_available()
+        bf16 = on_gpu and (self.config.model.dtype == "bfloat16" or params.method == "qlora")
+        return SFTConfig(
+            output_dir=str(output_dir / "trainer"),
+            per_device_train_batch_size=params.per_device_batch_size,
+            gradient_accumulation_steps=params.gradient_accumulation_steps,
+            learning_rate=params.learning_rate,
+            num_train_epochs=params.num_epochs,
+            max_steps=params.max_steps,
+            lr_scheduler_type=params.lr_scheduler,
+            warmup_steps=params.warmup_ratio,
+            weight_decay=params.weight_decay,
+            max_grad_norm=params.max_grad_norm,
+            seed=params.seed,
+            bf16=bf16,
+            activation_checkpointing=params.gradient_checkpointing,
+            max_length=params.cutoff_len,
+            packing=params.packing,
+            # Data arrives tokenized, masked and truncated from the cache; letting TRL re-map it per
+            # trial would repeat that work. Packing is TRL's job, so only then does it prepare.
+            dataset_kwargs={"skip_prepare_dataset": not params.packing},
+            include_num_input_tokens_seen="non_padding",
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=on_gpu,
+        )
+
+    def _save(self, model, tokenizer, params: TrialParams, output_dir: Path) -> Path:
+        """Write the adapter (or full weights) to a temporary folder and rename it into place.
+
+        A crash or a full disk mid-write leaves only `*.partial`, never a folder a promotion could
+        mistake for a finished adapter.
+        """
+        final = output_dir / ("model" if params.method == "full" else "adapter")
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        if params.method == "full":
+            tokenizer.save_pretrained(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        return final
+
+    def run(
+        self, params: TrialParams, output_dir: Path, callbacks: TrialCallbacks | None = None
+    ) -> TrialResult:
+        """Train with `params`, score with the sweep's objective, save the adapter under `output_dir`.
+
+        A trial that raises (out of memory included) comes back FAILED with the error and the peak
+        memory it reached; only an interrupt (KeyboardInterrupt) propagates.
+        """
+        memory = PeakMemory()
+        memory.reset()
+        try:
+            return self._run(params, output_dir, callbacks or TrialCallbacks(), memory)
+        except Exception as exc:  # noqa: BLE001  (any trial error is a FAILED trial, not a dead sweep)
+            return TrialResult(
+                status=TrialStatus.FAILED,
+                error=f"{type(exc).__name__}: {exc}",
+                peak_memory_mb=memory.peak_mb(),
+                memory_kind=memory.kind,
+            )
+
+    def _run(
+        self, params: TrialParams, output_dir: Path, callbacks: TrialCallbacks, memory: PeakMemory
+    ) -> TrialResult:
+        self.prepare()
+        started = perf_counter()
+        tokenizer = self.models.tokenizer()
+        train = self.tokenized.get(tokenizer, self._template, self._splits.train, params.cutoff_len)
+        evaluation = self.tokenized.get(
+            tokenizer, self._template, self._splits.eval, self.config.objective.max_length
+        )
+        if train.rows == 0:
+            raise ValueError(
+                f"cutoff_len={params.cutoff_len} leaves no reply token in any of the {train.dropped_rows} "
+                "training rows (every prompt is at least that long); raise cutoff_len"
+            )
+        trainable = self._trainable(params)
+        timings = Timings(load_s=perf_counter() - started)
+        try:
+            trainer = SFTTrainer(
+                model=trainable.model,
+                args=self._sft_config(params, output_dir),
+                train_dataset=train.dataset,
+                processing_class=tokenizer,
+                callbacks=[_Bridge(callbacks)],
+            )
+            trainer.remove_callback(PrinterCallback)
+            started = perf_counter()
+            trainer.train()
+            timings.train_s = perf_counter() - started
+            tokens = int(trainer.state.num_input_tokens_seen)
+            started = perf_counter()
+            score = self.objective.score(
+                trainable.model, tokenizer, EvalData(self._splits.eval, evaluation, self._template)
+            )
+            timings.eval_s = perf_counter() - started
+            saved = self._save(trainable.model, tokenizer, params, output_dir)
+        finally:
+            trainable.release()
+            shutil.rmtree(output_dir / "trainer", ignore_errors=True)
+            trainer = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        metrics = {
+            **score.metrics,
+            "train_rows": float(train.rows),
+            "truncated_rows": float(train.truncated_rows),
+            "dropped_rows": float(train.dropped_rows),
+        }
+        return TrialResult(
+            status=TrialStatus.COMPLETE,
+            objective=score.value,
+            metrics=metrics,
+            adapter_path=str(saved),
+            peak_memory_mb=memory.peak_mb(),
+            memory_kind=memory.kind,
+            timings=timings,
+            train_tokens=tokens,
+            train_tokens_per_s=tokens / timings.train_s if timings.train_s > 0 else 0.0,
+            truncated_rows=train.truncated_rows,
+        )

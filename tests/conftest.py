@@ -1,0 +1,89 @@
+"""Shared fixtures: one tiny model and tokenizer for the whole session, built offline."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sweeps.demo import build_tiny_model, sort_rows, write_jsonl
+
+# Nothing in the suite may reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised two-layer Llama with a BPE tokenizer and a ChatML template."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", pretrain_steps=0)
+
+
+@pytest.fixture(scope="session")
+def sort_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Small train and eval files of the demo's sorting task, in alpaca format."""
+    root = tmp_path_factory.mktemp("data")
+    return write_jsonl(root / "train.jsonl", sort_rows(48, 1)), write_jsonl(
+        root / "eval.jsonl", sort_rows(16, 2)
+    )
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty project folder as the working directory, so mlruns/ lands there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+DEFAULT_SPACE = """
+method: {type: categorical, choices: [lora, full]}
+learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+lora_rank: {type: int, low: 2, high: 8, step: 2, when: {method: [lora]}}
+"""
+DEFAULT_TRAINING = """
+max_steps: 4
+per_device_batch_size: 8
+cutoff_len: 48
+"""
+
+
+def config_text(
+    model: Path, train: Path, evaluation: Path, name: str, space: str, training: str, extra: str
+) -> str:
+    """A sweep YAML over the tiny model and sorting data."""
+    return f"""\
+name: {name}
+model:
+  name_or_path: {model}
+  dtype: float32
+data:
+  format: alpaca
+  train_file: {train}
+  eval_file: {evaluation}
+objective:
+  name: eval_loss
+space:
+{textwrap.indent(textwrap.dedent(space).strip(), "  ")}
+training:
+{textwrap.indent(textwrap.dedent(training).strip(), "  ")}
+sampler:
+  type: random
+  seed: 0
+{textwrap.dedent(extra).strip()}
+"""
+
+
+@pytest.fixture
+def write_config(project, tiny_model, sort_data):
+    """Write a sweep YAML for the tiny model into the project; `extra` adds top-level sections."""
+
+    def write(
+        name: str = "tiny", space: str = DEFAULT_SPACE, training: str = DEFAULT_TRAINING, extra: str = ""
+    ) -> Path:
+        path = project / f"{name}.yaml"
+        path.write_text(config_text(tiny_model, *sort_data, name, space, training, extra))
+        return path
+
+    return write

@@ -1,0 +1,231 @@
+"""`sweep run` end to end: MLflow records, Optuna trials, resume, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from sweeps.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sweep(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def runs(experiment: str) -> tuple[object, list]:
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in found if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 1
+    return parents[0], [r for r in found if r.data.tags.get("sweep.role") == "trial"]
+
+
+def trial_states(name: str) -> list[str]:
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(f"mlruns/optuna/{name}.journal")
+    )
+    return [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+
+def test_a_sweep_records_one_parent_and_one_child_run_per_trial(write_config):
+    result = sweep("run", write_config(), "--trials", 3)
+    assert result.exit_code == 0, result.output
+    parent, children = runs("tiny")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_complete"] == 3
+    assert "best_value" in parent.data.metrics and "best.params" in parent.data.tags
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2]
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "config")] == ["config/tiny.yaml"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["optuna.state"] == "COMPLETE"
+        assert {"learning_rate", "method", "lora_rank", "cutoff_len", "use_rslora"} <= set(child.data.params)
+        assert {
+            "objective",
+            "eval_loss",
+            "peak_memory_mb",
+            "time_load_s",
+            "time_train_s",
+            "time_eval_s",
+            "train_tokens_per_s",
+        } <= set(child.data.metrics)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1, 2, 3, 4]
+        artifact = "model" if child.data.params["method"] == "full" else "adapter"
+        names = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, artifact)}
+        assert names & {"adapter_model.safetensors", "model.safetensors"}
+    assert trial_states("tiny") == ["COMPLETE"] * 3
+
+
+def test_rerunning_a_finished_sweep_runs_nothing_and_exits_zero(write_config):
+    config = write_config()
+    sweep("run", config, "--trials", 2)
+    again = sweep("run", config, "--trials", 2)
+    assert again.exit_code == 0
+    assert "already has 2/2 finished trials" in again.output
+    assert len(runs("tiny")[1]) == 2
+
+
+def test_asking_for_more_trials_runs_only_the_missing_ones(write_config):
+    config = write_config()
+    sweep("run", config, "--trials", 2)
+    assert sweep("run", config, "--trials", 3).exit_code == 0
+    parent, children = runs("tiny")
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+    assert trial_states("tiny") == ["COMPLETE"] * 3
+
+
+def test_status_and_best_report_the_sweep(write_config):
+    config = write_config()
+    sweep("run", config, "--trials", 2)
+    status = sweep("status", config)
+    assert status.exit_code == 0 and "2 complete, 0 pruned, 0 failed" in status.output
+    best = sweep("best", config)
+    assert best.exit_code == 0
+    assert "adapter" in best.output and "file://" in best.output
+
+
+def test_failed_trials_are_recorded_and_the_sweep_stops_at_max_failed(write_config):
+    config = write_config(
+        space="learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}",
+        training="max_steps: 2\ntarget_modules: no_such_proj",
+        extra="budget: {max_failed_trials: 2}",
+    )
+    result = sweep("run", config, "--trials", 5)
+    assert result.exit_code == 1
+    assert "2 trials failed in this run (budget.max_failed_trials = 2)" in result.output
+    parent, children = runs("tiny")
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
+    assert all("no_such_proj" in c.data.tags["error"] for c in children)
+    assert parent.info.status == "FAILED"
+    assert trial_states("tiny") == ["FAIL", "FAIL"]
+
+
+def test_a_trial_orphaned_by_a_killed_process_is_closed_on_resume(write_config):
+    config = write_config()
+    sweep("run", config, "--trials", 1)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend("mlruns/optuna/tiny.journal")
+    )
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask()
+    orphan.set_user_attr("host", os.uname().nodename)
+    orphan.set_user_attr("pid", dead.pid)
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    parent, _ = runs("tiny")
+    client.create_run(
+        parent.info.experiment_id, tags={"mlflow.parentRunId": parent.info.run_id, "sweep.role": "trial"}
+    )
+
+    assert sweep("run", config, "--trials", 2).exit_code == 0
+    assert trial_states("tiny") == ["COMPLETE", "FAIL", "COMPLETE"]
+    statuses = sorted(c.info.status for c in runs("tiny")[1])
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"]
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_a_missing_model_path_exits_2_before_anything_is_recorded(write_config, project):
+    config = write_config()
+    config.write_text(config.read_text().replace("name_or_path: /", "name_or_path: /no/such/"))
+    result = sweep("run", config)
+    assert result.exit_code == 2
+    line = one_line_error(result)
+    assert "tiny.yaml: model.name_or_path: model path '/no/such/" in line and "does not exist" in line
+    assert not (project / "mlruns" / "mlflow.db").exists()
+
+
+def test_a_malformed_data_row_exits_2_naming_file_and_line(write_config, project):
+    bad = project / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    config = write_config()
+    text = config.read_text()
+    train_line = next(line for line in text.splitlines() if "train_file" in line)
+    config.write_text(text.replace(train_line, f"  train_file: {bad}"))
+    result = sweep("run", config)
+    assert result.exit_code == 2
+    assert f"{bad}:2: alpaca row needs 'instruction' and 'output'" in one_line_error(result)
+
+
+def test_a_config_typo_exits_2_with_file_line_and_field(write_config):
+    config = write_config(extra="samplr: {type: tpe}")
+    result = sweep("run", config)
+    assert result.exit_code == 2
+    assert (
+        "tiny.yaml:" in one_line_error(result) and "samplr: unknown field 'samplr'; allowed:" in result.output
+    )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA path")
+def test_qlora_on_a_machine_without_cuda_exits_2_before_loading(write_config):
+    config = write_config(space="method: {type: categorical, choices: [lora, qlora]}")
+    result = sweep("run", config)
+    assert result.exit_code == 2
+    assert "space.method.choices: method qlora needs a CUDA GPU" in one_line_error(result)
+
+
+def wait_for(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigint_during_the_second_trial_then_rerun_completes_without_running_runs(write_config, project):
+    config = write_config(
+        space="learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}",
+        training="max_steps: 60\nper_device_batch_size: 8\ncutoff_len: 48",
+    )
+    command = [sys.executable, "-m", "sweeps.cli", "run", str(config), "--trials", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    journal = project / "mlruns" / "optuna" / "tiny.journal"
+
+    def second_trial_started() -> bool:
+        if not journal.exists():
+            return False
+        ops = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        return sum(op.get("op_code") == 4 for op in ops) >= 2  # 4: CREATE_TRIAL
+
+    wait_for(second_trial_started, 120)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, output
+    assert trial_states("tiny") == ["COMPLETE", "FAIL"]
+    assert sorted(c.info.status for c in runs("tiny")[1]) == ["FINISHED", "KILLED"]
+
+    rerun = subprocess.run(
+        command, check=False, cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert trial_states("tiny").count("COMPLETE") == 3
+    parent, children = runs("tiny")
+    assert "RUNNING" not in [parent.info.status, *(c.info.status for c in children)]
+
+
+def test_the_demo_space_runs_offline_and_finds_a_best_trial(project):
+    result = sweep("run", REPO / "search_spaces" / "demo.yaml", "--trials", 2)
+    assert result.exit_code == 0, result.output
+    assert "best trial of 'demo'" in result.output
+    values = [c.data.metrics["objective"] for c in runs("demo")[1]]
+    assert len(values) == 2 and values[0] != values[1]

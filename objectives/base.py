@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from runners.data import Example, TokenizedSplit
@@ -23,6 +23,12 @@ class EvalData:
     examples: list[Example]
     tokenized: TokenizedSplit
     chat_template: str
+
+    def head(self, n: int) -> EvalData:
+        """The first `n` items: what intermediate (pruning) evaluations score."""
+        rows = min(n, self.tokenized.rows)
+        tokenized = replace(self.tokenized, dataset=self.tokenized.dataset.select(range(rows)), rows=rows)
+        return EvalData(self.examples[:n], tokenized, self.chat_template)
 
 
 class Objective(Protocol):

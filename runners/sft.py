@@ -36,12 +36,18 @@ def _ignore_log(metrics: dict[str, float], step: int) -> None:
     return None
 
 
+def _keep_going(value: float, step: int) -> bool:
+    return True
+
+
 @dataclass
 class TrialCallbacks:
     """Hooks a trial calls while it trains; the orchestrator decides what they do."""
 
     on_step: Callable[[int, int], None] = _ignore_step
     on_log: Callable[[dict[str, float], int], None] = _ignore_log
+    report: Callable[[float, int], bool] = _keep_going
+    """Takes an intermediate objective value at a step; returns False to stop (prune) the trial."""
 
 
 class _Bridge(TrainerCallback):
@@ -67,6 +73,30 @@ class _Bridge(TrainerCallback):
         }
         if metrics:
             self.callbacks.on_log(metrics, state.global_step)
+
+
+class _Pruning(TrainerCallback):
+    """Scores the model on an eval subset every `every` steps and stops training when told to."""
+
+    def __init__(self, every: int, evaluate: Callable[[], float], callbacks: TrialCallbacks):
+        self.every = every
+        self.evaluate = evaluate
+        self.callbacks = callbacks
+        self.last_value: float | None = None
+        self.pruned_at: int | None = None
+        self.seconds = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.every or step >= state.max_steps:
+            return
+        started = perf_counter()
+        self.last_value = self.evaluate()
+        self.seconds += perf_counter() - started
+        self.callbacks.on_log({"intermediate_objective": self.last_value}, step)
+        if not self.callbacks.report(self.last_value, step):
+            self.pruned_at = step
+            control.should_training_stop = True
 
 
 @dataclass
@@ -120,6 +150,10 @@ class TrialRunner:
 
         def release() -> None:
             peft_model.unload()
+            # TRL's SFTTrainer patches the base's forward with a fused LM head (an instance attribute
+            # closing over the previous forward). Left in place, patches would stack trial after
+            # trial, and a deep copy for full fine-tuning would still run the shared base's weights.
+            vars(base).pop("forward", None)
             if params.gradient_checkpointing:
                 base.gradient_checkpointing_disable()
                 base.disable_input_require_grads()
@@ -208,26 +242,46 @@ class TrialRunner:
                 f"cutoff_len={params.cutoff_len} leaves no reply token in any of the {train.dropped_rows} "
                 "training rows (every prompt is at least that long); raise cutoff_len"
             )
+        eval_data = EvalData(self._splits.eval, evaluation, self._template)
         trainable = self._trainable(params)
         timings = Timings(load_s=perf_counter() - started)
+        pruning = None
+        if self.config.pruner.eval_every_steps is not None:
+            subset = eval_data.head(self.config.pruner.eval_samples)
+            pruning = _Pruning(
+                self.config.pruner.eval_every_steps,
+                lambda: self.objective.score(trainable.model, tokenizer, subset).value,
+                callbacks,
+            )
         try:
             trainer = SFTTrainer(
                 model=trainable.model,
                 args=self._sft_config(params, output_dir),
                 train_dataset=train.dataset,
                 processing_class=tokenizer,
-                callbacks=[_Bridge(callbacks)],
+                callbacks=[_Bridge(callbacks), *([pruning] if pruning else [])],
             )
             trainer.remove_callback(PrinterCallback)
             started = perf_counter()
             trainer.train()
-            timings.train_s = perf_counter() - started
+            timings.eval_s = pruning.seconds if pruning else 0.0
+            timings.train_s = perf_counter() - started - timings.eval_s
             tokens = int(trainer.state.num_input_tokens_seen)
+            if pruning is not None and pruning.pruned_at is not None:
+                return TrialResult(
+                    status=TrialStatus.PRUNED,
+                    objective=pruning.last_value,
+                    metrics={"pruned_at_step": float(pruning.pruned_at)},
+                    peak_memory_mb=memory.peak_mb(),
+                    memory_kind=memory.kind,
+                    timings=timings,
+                    train_tokens=tokens,
+                    train_tokens_per_s=tokens / timings.train_s if timings.train_s > 0 else 0.0,
+                    truncated_rows=train.truncated_rows,
+                )
             started = perf_counter()
-            score = self.objective.score(
-                trainable.model, tokenizer, EvalData(self._splits.eval, evaluation, self._template)
-            )
-            timings.eval_s = perf_counter() - started
+            score = self.objective.score(trainable.model, tokenizer, eval_data)
+            timings.eval_s += perf_counter() - started
             saved = self._save(trainable.model, tokenizer, params, output_dir)
         finally:
             trainable.release()

@@ -123,6 +123,8 @@ class PrunerConfig(_Section):
     n_warmup_steps: int = Field(0, ge=0)
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
+    eval_every_steps: int | None = Field(None, ge=1, description="intermediate evaluations for the pruner")
+    eval_samples: int = Field(32, ge=1, description="eval items scored at each intermediate evaluation")
 
 
 class TrackingConfig(_Section):
@@ -343,6 +345,14 @@ def _resolve_paths(cfg: SweepConfig, base: Path) -> None:
         cfg.model.name_or_path = str(Path(local).expanduser().resolve())
 
 
+def _check_pruner(cfg: SweepConfig, err) -> None:
+    if cfg.pruner.type != "none" and cfg.pruner.eval_every_steps is None:
+        raise err(
+            ("pruner", "eval_every_steps"),
+            f"pruner {cfg.pruner.type!r} needs intermediate scores: set eval_every_steps (e.g. 10)",
+        )
+
+
 def parse_config(text: str, file: Path) -> SweepConfig:
     """Validate YAML text as a `SweepConfig`; `file` is used for messages and relative paths."""
 
@@ -378,6 +388,7 @@ def parse_config(text: str, file: Path) -> SweepConfig:
         )
     _check_space_semantics(cfg, err)
     _check_training(cfg, err)
+    _check_pruner(cfg, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file
     return cfg

@@ -192,6 +192,12 @@ _OPTUNA_STATE = {
 }
 
 
+def _report(trial: optuna.Trial, value: float, step: int) -> bool:
+    """Hand an intermediate value to the pruner; True while the trial should go on."""
+    trial.report(value, step)
+    return not trial.should_prune()
+
+
 def run_sweep(
     config: SweepConfig,
     runner: TrialRunner,
@@ -245,6 +251,7 @@ def run_sweep(
             callbacks = TrialCallbacks(
                 on_step=observer.trial_step,
                 on_log=lambda metrics, step, run_id=run_id: tracker.log_metrics(run_id, metrics, step),
+                report=lambda value, step, trial=trial: _report(trial, value, step),
             )
             try:
                 result = runner.run(params, work_dir / f"trial-{trial.number}", callbacks)

@@ -55,6 +55,14 @@ def test_a_full_fine_tuning_trial_trains_a_copy(runner, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+def test_full_fine_tuning_after_a_lora_trial_trains_its_own_weights(runner, tmp_path):
+    runner.run(params(), tmp_path / "lora")
+    base_score = runner.run(params(method="full", learning_rate=1e-9), tmp_path / "frozen").objective
+    trained = runner.run(params(method="full", learning_rate=1e-2), tmp_path / "full").objective
+    assert abs(trained - base_score) > 0.05
+    assert "forward" not in vars(runner.models.base())
+
+
 def test_learning_rate_moves_the_objective(runner, tmp_path):
     slow = runner.run(params(learning_rate=1e-5, max_steps=6), tmp_path / "slow").objective
     fast = runner.run(params(learning_rate=2e-2, max_steps=6), tmp_path / "fast").objective

@@ -229,3 +229,23 @@ def test_the_demo_space_runs_offline_and_finds_a_best_trial(project):
     assert "best trial of 'demo'" in result.output
     values = [c.data.metrics["objective"] for c in runs("demo")[1]]
     assert len(values) == 2 and values[0] != values[1]
+
+
+def test_a_hyperband_pruner_prunes_bad_trials_and_mlflow_shows_them_pruned(write_config):
+    config = write_config(
+        space="learning_rate: {type: float, low: 1.0e-6, high: 3.0e-2, log: true}",
+        training="max_steps: 12\nper_device_batch_size: 8\ncutoff_len: 48\nmethod: full",
+        extra="pruner: {type: hyperband, min_resource: 2, reduction_factor: 2, eval_every_steps: 2, eval_samples: 8}",
+    )
+    result = sweep("run", config, "--trials", 8)
+    assert result.exit_code == 0, result.output
+    states = trial_states("tiny")
+    assert states.count("PRUNED") >= 1 and states.count("COMPLETE") >= 1
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    pruned = [c for c in runs("tiny")[1] if c.data.tags["optuna.state"] == "PRUNED"]
+    assert pruned and all(c.info.status == "FINISHED" for c in pruned)
+    for run in pruned:
+        curve = client.get_metric_history(run.info.run_id, "intermediate_objective")
+        assert len(curve) >= 1
+        assert run.data.metrics["pruned_at_step"] == curve[-1].step
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")][-1] == curve[-1].step

@@ -184,6 +184,13 @@ BAD = [
         "training.lora_dropout",
         "less than 1",
     ),
+    (
+        "pruner without intermediate scores",
+        lambda t: t + "pruner: {type: median}\n",
+        26,
+        "pruner.eval_every_steps",
+        "needs intermediate scores",
+    ),
 ]
 
 

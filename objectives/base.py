@@ -23,12 +23,14 @@ class EvalData:
     examples: list[Example]
     tokenized: TokenizedSplit
     chat_template: str
+    limit: int | None = None
+    """Score only the first `limit` items of the objective's eval set (intermediate evaluations)."""
 
     def head(self, n: int) -> EvalData:
         """The first `n` items: what intermediate (pruning) evaluations score."""
         rows = min(n, self.tokenized.rows)
         tokenized = replace(self.tokenized, dataset=self.tokenized.dataset.select(range(rows)), rows=rows)
-        return EvalData(self.examples[:n], tokenized, self.chat_template)
+        return EvalData(self.examples[:n], tokenized, self.chat_template, limit=n)
 
 
 class Objective(Protocol):

@@ -6,12 +6,32 @@ scores here equal the `exact_match,strict-match` and
 `exact_match,flexible-extract` numbers lm-eval reports for the same
 generations. tests/test_gsm8k_scoring.py checks this against lm-eval's own
 task, filter and metric code.
+
+`Gsm8k` is the `gsm8k` objective built on them: it prompts the trained model
+with the eval questions, generates through objectives.generation and scores
+the answers. The SFT data reader uses `row_problem` and `chat_messages` for
+GSM8K training rows.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from objectives.generation import (
+    EvalRow,
+    fixed_subset,
+    generate_for_objective,
+    read_eval_rows,
+    require_backend,
+)
+from sweeps.errors import InputError
+
+if TYPE_CHECKING:
+    from objectives.base import EvalData, Score
+    from sweeps.config import ObjectiveConfig
 
 # gsm8k.yaml: generation_kwargs.until. lm-eval cuts each generation at the
 # first of these (lm_eval/models/utils.py: postprocess_generated_text).
@@ -37,6 +57,10 @@ _INVALID = "[invalid]"
 _REGEXES_TO_IGNORE = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$"))
 # The reference is cut at the last "#### ", as the "(?s).*#### " regex does.
 _ANSWER_MARKER = "#### "
+# gsm8k.yaml: num_fewshot.
+DEFAULT_NUM_FEWSHOT = 5
+# The last line of an official GSM8K answer field: "#### 72".
+_FINAL_ANSWER_LINE = re.compile(r"(?:^|\n)#### \S[^\n]*\s*$")
 
 
 @dataclass(frozen=True)
@@ -186,3 +210,138 @@ def score_generations(generations: list[str], references: list[str]) -> Gsm8kSco
         per_item_strict=per_item_strict,
         per_item_flexible=per_item_flexible,
     )
+
+
+def row_problem(row: Any) -> str | None:
+    """Why `row` is not a GSM8K row, or None when it is one.
+
+    A row is a JSON object with a non-empty `question` and an `answer` whose last line is
+    '#### <final answer>', as in the official jsonl files.
+    """
+    if not isinstance(row, dict):
+        return "a gsm8k row must be a JSON object with 'question' and 'answer'"
+    missing = [key for key in ("question", "answer") if key not in row]
+    if missing:
+        return (
+            "gsm8k row needs 'question' and 'answer' (a worked solution ending '#### <number>'); "
+            f"missing {missing}"
+        )
+    for key in ("question", "answer"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            return f"field {key!r} must be a non-empty string"
+    if not _FINAL_ANSWER_LINE.search(row["answer"]):
+        return "gsm8k 'answer' must end with a line '#### <number>'"
+    return None
+
+
+class Gsm8k:
+    """The `gsm8k` objective: greedy answers to GSM8K questions, scored as lm-eval scores them.
+
+    Prompts are lm-eval's n-shot text, with `num_fewshot` shots (default 5, as gsm8k.yaml; 0
+    allowed) drawn for each question with `seed` from the shot rows, or, with `prompt_format:
+    chat`, lm-eval's zero-shot chat turn rendered by the sweep's chat template. Generation stops at
+    lm-eval's `until` strings or EOS. Both `strict_match` and `flexible_extract` are reported;
+    `metric` picks the one the study optimises. With `max_samples` every trial answers the same
+    seeded subset of questions.
+    """
+
+    def __init__(self, config: ObjectiveConfig):
+        self.config = config
+        self.chat = config.prompt_format == "chat"
+        if self.chat:
+            self.num_fewshot = 0
+        else:
+            self.num_fewshot = DEFAULT_NUM_FEWSHOT if config.num_fewshot is None else config.num_fewshot
+        self._questions: list[str] | None = None
+        self._references: list[str] = []
+        self._nshot_prompts: list[str] = []
+
+    def _rows(self, source: str, split: str) -> list[dict[str, str]]:
+        rows = read_eval_rows(source, split, self.config.dataset_config)
+        if not rows:
+            raise InputError(source, "holds no rows")
+        return [_checked(row) for row in rows]
+
+    def validate(self) -> None:
+        """Read and check the eval rows and shot rows once; a bad row raises `InputError` (file:line)."""
+        if self._questions is not None:
+            return
+        require_backend(self.config)
+        rows = self._rows(self.config.eval_file, self.config.split)
+        items = [rows[i] for i in fixed_subset(len(rows), self.config.max_samples, self.config.seed)]
+        shots: list[list[dict[str, str]]] = [[] for _ in items]
+        if self.num_fewshot:
+            source = self.config.fewshot_file or self.config.eval_file
+            pool = self._rows(source, self.config.fewshot_split)
+            shots = _draw_shots(
+                pool, [item["question"] for item in items], self.num_fewshot, self.config.seed, source
+            )
+        self._references = [reference_answer(item["answer"]) for item in items]
+        self._nshot_prompts = [
+            fewshot_prompt(item["question"], item_shots)
+            for item, item_shots in zip(items, shots, strict=True)
+        ]
+        self._questions = [item["question"] for item in items]
+
+    def _prompts(self, tokenizer, chat_template: str) -> list[str]:
+        if not self.chat:
+            return self._nshot_prompts
+        return [
+            tokenizer.apply_chat_template(
+                chat_messages(question, self.config.system_prompt),
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for question in self._questions
+        ]
+
+    def score(self, model, tokenizer, data: EvalData) -> Score:
+        """Accuracy of the model's greedy answers; the value is the configured metric."""
+        # objectives.base imports runners.data, which imports this module (for GSM8K rows).
+        from objectives.base import Score
+
+        self.validate()
+        prompts = self._prompts(tokenizer, data.chat_template)[: data.limit]
+        generations = generate_for_objective(self.config, model, tokenizer, prompts, STOP_SEQUENCES)
+        result = score_generations(generations, self._references[: data.limit])
+        metrics = {
+            "strict_match": result.strict_match,
+            "flexible_extract": result.flexible_extract,
+            "eval_items": float(len(prompts)),
+        }
+        return Score(metrics[self.config.target_metric], metrics)
+
+
+def _checked(row: EvalRow) -> dict[str, str]:
+    problem = row_problem(row.data)
+    if problem:
+        raise row.error(problem)
+    return {"question": row.data["question"], "answer": row.data["answer"]}
+
+
+def _draw_shots(
+    pool: list[dict[str, str]], questions: list[str], n: int, seed: int, source: str
+) -> list[list[dict[str, str]]]:
+    """`n` shots for each question, drawn from `pool` by one generator seeded with `seed`.
+
+    Like lm-eval's sampler, each question gets its own draw, and a shot identical to the question
+    it serves is skipped, so pointing the shots at the eval file never gives away the answer.
+    """
+    if len(pool) < n:
+        raise InputError(
+            source, f"has {len(pool)} rows; {n}-shot prompts need at least {n}", "objective.num_fewshot"
+        )
+    rng = random.Random(seed)
+    drawn = []
+    for question in questions:
+        candidates = rng.sample(pool, min(len(pool), n + 1))
+        shots = [shot for shot in candidates if shot["question"] != question][:n]
+        if len(shots) < n:
+            raise InputError(
+                source,
+                f"has {len(pool)} rows; {n}-shot prompts need {n} besides the question itself",
+                "objective.num_fewshot",
+            )
+        drawn.append(shots)
+    return drawn

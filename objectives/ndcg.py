@@ -5,13 +5,30 @@ asked to order them by relevance. `parse_ranking` turns its free-text answer
 into 0-based candidate indices, `ndcg` scores one ranking against graded
 relevances, and `score_rankings` averages over a batch, counting answers that
 could not be parsed as parse failures scored 0.
+
+`Ndcg` is the `ndcg` objective built on them: it shows the trained model each
+ranking row's prompt, generates through objectives.generation and scores the
+rankings it writes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
+
+from objectives.base import EvalData, Score
+from objectives.generation import (
+    EvalRow,
+    fixed_subset,
+    generate_for_objective,
+    read_eval_rows,
+    require_backend,
+)
+from sweeps.config import ObjectiveConfig
+from sweeps.errors import InputError
 
 # A token is a lone letter or a lone run of digits: "C" in "C > E" but not the
 # "C" of "Candidates", and "12" but not the "1" of "x1".
@@ -163,3 +180,93 @@ def score_rankings(outputs: list[str], relevances: list[list[float]]) -> Ranking
         parse_failures=parse_failures,
         per_item=tuple(per_item),
     )
+
+
+class Ndcg:
+    """The `ndcg` objective: mean NDCG of the rankings the model writes for its eval rows.
+
+    Each row holds the prompt listing the candidates under `input_field` and the candidates'
+    relevance weights, in listed order, under `output_field` (a list, or a string holding a JSON
+    list); rows whose `task_type` is set to anything but "ranking" are skipped. The prompt is sent
+    as the user turn of the sweep's chat template, after `system_prompt` if one is set. Reports
+    `ndcg` (optimised) and `parse_failures`.
+    """
+
+    def __init__(self, config: ObjectiveConfig):
+        self.config = config
+        self._prompts: list[str] | None = None
+        self._relevances: list[list[float]] = []
+
+    def validate(self) -> None:
+        """Read and check the eval rows once; a bad row raises `InputError` (file:line)."""
+        if self._prompts is not None:
+            return
+        require_backend(self.config)
+        items = []
+        for row in read_eval_rows(self.config.eval_file, self.config.split, self.config.dataset_config):
+            if not isinstance(row.data, dict):
+                raise row.error("a ranking row must be a JSON object")
+            if row.data.get("task_type", "ranking") != "ranking":
+                continue
+            items.append((self._prompt(row), self._row_relevances(row)))
+        if not items:
+            raise InputError(
+                self.config.eval_file,
+                f"holds no ranking rows (rows with {self.config.input_field!r}, {self.config.output_field!r} "
+                "and, if set, task_type 'ranking')",
+            )
+        picked = [items[i] for i in fixed_subset(len(items), self.config.max_samples, self.config.seed)]
+        self._relevances = [relevances for _, relevances in picked]
+        self._prompts = [prompt for prompt, _ in picked]
+
+    def _prompt(self, row: EvalRow) -> str:
+        prompt = row.data.get(self.config.input_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise row.error(
+                f"field {self.config.input_field!r} (the prompt listing the candidates) "
+                "must be a non-empty string"
+            )
+        return prompt
+
+    def _row_relevances(self, row: EvalRow) -> list[float]:
+        field = self.config.output_field
+        value: Any = row.data.get(field)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        numbers = isinstance(value, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+            for x in value
+        )
+        if not numbers or not value:
+            raise row.error(
+                f"field {field!r} must list each candidate's relevance, in listed order, as numbers >= 0 "
+                '(e.g. [3, 0, 1] or "[3, 0, 1]")'
+            )
+        return [float(x) for x in value]
+
+    def score(self, model, tokenizer, data: EvalData) -> Score:
+        """Mean NDCG of the greedy rankings; unparseable answers score 0 and count as parse failures."""
+        self.validate()
+        system = (
+            [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        )
+        prompts = [
+            tokenizer.apply_chat_template(
+                [*system, {"role": "user", "content": prompt}],
+                chat_template=data.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for prompt in self._prompts[: data.limit]
+        ]
+        outputs = generate_for_objective(self.config, model, tokenizer, prompts, ())
+        result = score_rankings(outputs, self._relevances[: data.limit])
+        metrics = {
+            "ndcg": result.ndcg,
+            "parse_failures": float(result.parse_failures),
+            "eval_items": float(len(prompts)),
+        }
+        return Score(metrics[self.config.target_metric], metrics)

@@ -1,4 +1,4 @@
-"""SFT data: read alpaca / sharegpt / messages rows, turn them into chat messages, tokenize once.
+"""SFT data: read alpaca / sharegpt / messages / gsm8k rows, turn them into chat messages, tokenize once.
 
 Rows are validated line by line before any model is loaded, so a malformed row is reported as
 `file:line: ...` instead of surfacing as a KeyError in the middle of a trial. Tokenization is the
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 from datasets import Dataset, load_from_disk
 
+from objectives.gsm8k import chat_messages, row_problem
 from sweeps.config import DataConfig
 from sweeps.errors import InputError
 
@@ -134,7 +137,16 @@ def _messages(row: dict, fail) -> list[Message]:
     return _turns(row["messages"], "role", "content", roles, fail)
 
 
-_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
+def _gsm8k(row: dict, fail) -> list[Message]:
+    # The user turn is the one the gsm8k objective's chat format sends, so a model trained on these
+    # rows is scored on the prompt it learned from.
+    problem = row_problem(row)
+    if problem:
+        fail(problem)
+    return [*chat_messages(row["question"], None), {"role": "assistant", "content": row["answer"]}]
+
+
+_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, "gsm8k": _gsm8k}
 
 
 def read_examples(
@@ -286,7 +298,13 @@ class TokenizedCache:
         self._full: dict[str, Dataset] = {}
         self._views: dict[tuple[str, int], TokenizedSplit] = {}
 
-    def _full_dataset(self, key: str, tokenizer, template: str, examples: list[Example]) -> Dataset:
+    @staticmethod
+    def _key(tokenizer, template: str, examples: list[Example]) -> str:
+        return _fingerprint(tokenizer_fingerprint(tokenizer), template, [ex.messages for ex in examples])
+
+    def full(self, tokenizer, template: str, examples: list[Example]) -> Dataset:
+        """Every example tokenized, untruncated: built once, then from memory or disk."""
+        key = self._key(tokenizer, template, examples)
         if key in self._full:
             return self._full[key]
         path = self.disk_dir / key if self.disk_dir else None
@@ -296,19 +314,24 @@ class TokenizedCache:
             self.builds += 1
             dataset = Dataset.from_list([tokenize_example(tokenizer, template, ex) for ex in examples])
             if path is not None:
-                tmp = path.with_name(path.name + ".partial")
+                # Workers may build the same entry at once: each writes its own folder and the
+                # first rename wins; the others drop theirs and read the winner's.
+                tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
                 dataset.save_to_disk(str(tmp))
-                tmp.replace(path)
+                try:
+                    tmp.rename(path)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
                 dataset = load_from_disk(str(path))
         self._full[key] = dataset
         return dataset
 
     def get(self, tokenizer, template: str, examples: list[Example], cutoff_len: int) -> TokenizedSplit:
         """The split truncated to `cutoff_len`; rows left without any trained token are dropped."""
-        key = _fingerprint(tokenizer_fingerprint(tokenizer), template, [ex.messages for ex in examples])
+        key = self._key(tokenizer, template, examples)
         if (key, cutoff_len) in self._views:
             return self._views[(key, cutoff_len)]
-        full = self._full_dataset(key, tokenizer, template, examples)
+        full = self.full(tokenizer, template, examples)
         lengths = [len(ids) for ids in full["input_ids"]]
         truncated = full.map(
             lambda row: {"input_ids": row["input_ids"][:cutoff_len], "labels": row["labels"][:cutoff_len]},

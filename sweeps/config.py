@@ -9,10 +9,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from objectives.registry import OBJECTIVES
 from sweeps.errors import InputError
@@ -47,7 +56,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where the SFT examples are and how they become chat messages."""
 
-    format: Literal["alpaca", "sharegpt", "messages"]
+    format: Literal["alpaca", "sharegpt", "messages", "gsm8k"]
     train_file: Path
     eval_file: Path | None = None
     eval_split: float = Field(0.1, gt=0, lt=1, description="share of train held out when eval_file is unset")
@@ -60,12 +69,151 @@ class DataConfig(_Section):
 
 
 class ObjectiveConfig(_Section):
-    """How a trained trial is scored."""
+    """How a trained trial is scored.
+
+    Which fields apply depends on the objective (`objectives/registry.py` lists them); setting one
+    that the named objective ignores is an error, so a misplaced setting never silently does nothing.
+    """
 
     name: str
     direction: Literal["minimize", "maximize"] | None = None
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(2048, ge=8, description="eval sequences are cut here, the same for every trial")
+    minimize_peak_memory: bool = Field(
+        False, description="multi-objective: also minimise peak memory; `sweep best` shows the Pareto front"
+    )
+    batch_size: int = Field(8, ge=1, description="rows per forward pass (eval_loss)")
+    max_length: int = Field(
+        2048, ge=8, description="eval sequences (prompt + generation) are cut here, the same for every trial"
+    )
+    metric: str | None = Field(None, description="the reported metric the study optimises")
+    eval_file: str | None = Field(
+        None, description="eval rows: a .jsonl/.json file, or a datasets id or folder"
+    )
+    dataset_config: str | None = Field(None, description="datasets config name of eval_file, e.g. 'main'")
+    split: str = Field("test", description="split of a datasets eval_file")
+    fewshot_file: str | None = Field(None, description="rows to draw n-shot examples from")
+    fewshot_split: str = Field("train", description="split of a datasets fewshot_file (or eval_file)")
+    num_fewshot: int | None = Field(None, ge=0, description="shots per prompt; unset: the task's own")
+    prompt_format: Literal["nshot", "chat"] | None = Field(
+        None, description="plain n-shot text, or zero-shot through the chat template"
+    )
+    system_prompt: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+    generation_batch_size: int | Literal["auto"] = Field(
+        "auto", description="prompts per generate call; auto: fitted to free GPU memory"
+    )
+    max_samples: int | None = Field(None, gt=0, description="score a fixed random subset of this size")
+    seed: int = Field(0, description="picks the max_samples subset and the shots")
+    input_field: str = Field("input_field", min_length=1)
+    output_field: str = Field("output_field", min_length=1)
+    task: str | None = Field(None, description="lm-evaluation-harness task name")
+    task_path: str | None = Field(None, description="folder of task YAMLs for lm-evaluation-harness")
+    backend: Literal["hf", "vllm"] = "hf"
+
+    _ROW_FILE_SUFFIXES: ClassVar[tuple[str, ...]] = (".json", ".jsonl")
+
+    @staticmethod
+    def _error(field: str, value: Any, message: str) -> ValidationError:
+        """A validation error located at `objective.<field>`, so the message names the YAML line."""
+        return ValidationError.from_exception_data(
+            "ObjectiveConfig",
+            [InitErrorDetails(type=PydanticCustomError("objective", message), loc=(field,), input=value)],
+        )
+
+    @field_validator("generation_batch_size", mode="before")
+    @classmethod
+    def _check_generation_batch_size(cls, value: Any) -> Any:
+        # Checked before the union is tried, so the message names the field and not a union member.
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or a whole number >= 1, got {value!r}")
+
+    @property
+    def target_metric(self) -> str:
+        """The metric the study optimises: as configured, else the objective's first."""
+        return self.metric or OBJECTIVES[self.name].metrics[0]
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> ObjectiveConfig:
+        entry = OBJECTIVES.get(self.name)
+        if entry is None:
+            return self  # parse_config names the unknown objective with the allowed ones
+        general = {"name", "direction", "metric", "minimize_peak_memory"}
+        for field in sorted(self.model_fields_set - general - entry.options):
+            users = [name for name, other in OBJECTIVES.items() if field in other.options]
+            raise self._error(
+                field,
+                getattr(self, field),
+                f"does not apply to objective {self.name!r}; it is read by: {', '.join(users) or 'none'}",
+            )
+        for field in sorted(entry.required):
+            if getattr(self, field) is None:
+                raise self._error(field, None, f"is required for objective {self.name!r}")
+        if self.metric is not None and entry.metrics and self.metric not in entry.metrics:
+            raise self._error(
+                "metric",
+                self.metric,
+                f"{self.name} reports no metric {self.metric!r}; allowed: {', '.join(entry.metrics)}",
+            )
+        if "max_new_tokens" in entry.options and self.max_new_tokens >= self.max_length:
+            raise self._error(
+                "max_new_tokens",
+                self.max_new_tokens,
+                f"must be less than max_length ({self.max_length}), which bounds prompt plus generation",
+            )
+        self._check_row_sources()
+        if self.name == "gsm8k":
+            self._check_gsm8k_prompts()
+        return self
+
+    def _check_row_sources(self) -> None:
+        for source, options in (
+            ("eval_file", ("dataset_config", "split")),
+            ("fewshot_file", ("fewshot_split",)),
+        ):
+            path = getattr(self, source)
+            if path is None or not path.endswith(self._ROW_FILE_SUFFIXES):
+                continue
+            for option in options:
+                if option in self.model_fields_set:
+                    raise self._error(
+                        option,
+                        getattr(self, option),
+                        f"applies to a datasets id or folder, not to {source} {path}",
+                    )
+
+    def _check_gsm8k_prompts(self) -> None:
+        shots = self.num_fewshot
+        if self.prompt_format == "chat":
+            if shots:
+                raise self._error(
+                    "num_fewshot",
+                    shots,
+                    "chat prompts are zero-shot (as lm-eval's); use prompt_format: nshot",
+                )
+            return
+        shots = 5 if shots is None else shots  # objectives.gsm8k.DEFAULT_NUM_FEWSHOT, as gsm8k.yaml
+        own_file = self.eval_file is not None and self.eval_file.endswith(self._ROW_FILE_SUFFIXES)
+        if shots and self.fewshot_file is None and own_file:
+            raise self._error(
+                "num_fewshot",
+                shots,
+                f"{shots}-shot prompts need fewshot_file (GSM8K train rows to draw shots from), "
+                "or num_fewshot: 0",
+            )
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make eval_file, fewshot_file and task_path absolute against `base` where they are local paths.
+
+        A value that starts with '.', '/' or '~', names a .json/.jsonl file or exists under `base` is
+        a path; anything else (e.g. 'openai/gsm8k') is a `datasets` id and stays as written.
+        """
+        for field in ("eval_file", "fewshot_file", "task_path"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            local = base / Path(value).expanduser()
+            if value.startswith((".", "/", "~")) or value.endswith(self._ROW_FILE_SUFFIXES) or local.exists():
+                setattr(self, field, str(local.resolve()))
 
 
 class FloatParam(_Section):
@@ -109,10 +257,32 @@ class BudgetConfig(_Section):
     trials: int = Field(20, ge=1, description="finished (complete or pruned) trials the study should hold")
     timeout: float | None = Field(None, gt=0, description="seconds for this invocation of `sweep run`")
     max_failed_trials: int | None = Field(5, ge=1)
+    max_retries: int = Field(1, ge=0, description="re-runs of a trial whose worker process died")
+    oom_retry: bool = Field(True, description="retry an out-of-memory trial once at half the micro-batch")
+
+
+class RayConfig(_Section):
+    """Where and how `backend: ray` runs trials."""
+
+    address: str | None = Field(None, description="'auto' or ray://host:10001; unset: start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (unset: all)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (unset: all)")
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class WorkersConfig(_Section):
+    """Local worker processes: each keeps its base model loaded between trials."""
+
+    count: int | None = Field(
+        None, ge=1, description="unset: one per visible GPU (times trials_per_gpu), 1 on CPU"
+    )
+    trials_per_gpu: int = Field(1, ge=1, description="workers sharing one GPU, for small models")
 
 
 class SamplerConfig(_Section):
-    type: Literal["tpe", "random", "grid", "cmaes", "gp"] = "tpe"
+    type: Literal["tpe", "random", "grid", "cmaes", "gp", "nsga2"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int | None = Field(None, ge=0)
 
@@ -147,6 +317,9 @@ class SweepConfig(_Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     storage: str | None = Field(None, description="Optuna storage URL; unset: a journal file under mlruns/")
+    backend: Literal["local", "ray"] = "local"
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     source: Path = Field(Path("<memory>"), exclude=True)
@@ -157,6 +330,11 @@ class SweepConfig(_Section):
     def direction(self) -> Literal["minimize", "maximize"]:
         """The objective's direction: as configured, else the objective's natural one."""
         return self.objective.direction or OBJECTIVES[self.objective.name].direction
+
+    @property
+    def directions(self) -> list[Literal["minimize", "maximize"]]:
+        """The study's directions: the objective's, then peak memory's when that is minimised too."""
+        return [self.direction, "minimize"] if self.objective.minimize_peak_memory else [self.direction]
 
     @property
     def experiment_name(self) -> str:
@@ -343,6 +521,23 @@ def _resolve_paths(cfg: SweepConfig, base: Path) -> None:
     local = base / cfg.model.name_or_path
     if cfg.model.name_or_path.startswith((".", "/", "~")) or local.exists():
         cfg.model.name_or_path = str(Path(local).expanduser().resolve())
+    cfg.objective.resolve_paths(base)
+
+
+def _check_multi_objective(cfg: SweepConfig, err) -> None:
+    if not cfg.objective.minimize_peak_memory:
+        return
+    if cfg.sampler.type not in ("nsga2", "tpe", "random"):
+        raise err(
+            ("sampler", "type"),
+            f"{cfg.sampler.type!r} is single-objective; with minimize_peak_memory use nsga2",
+        )
+    if cfg.pruner.type != "none":
+        raise err(
+            ("pruner", "type"), "Optuna's pruners are single-objective; use none with minimize_peak_memory"
+        )
+    if cfg.backend == "ray":
+        raise err(("backend",), "minimize_peak_memory runs on the local backend only")
 
 
 def _check_pruner(cfg: SweepConfig, err) -> None:
@@ -389,6 +584,7 @@ def parse_config(text: str, file: Path) -> SweepConfig:
     _check_space_semantics(cfg, err)
     _check_training(cfg, err)
     _check_pruner(cfg, err)
+    _check_multi_objective(cfg, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file
     return cfg

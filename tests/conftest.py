@@ -50,9 +50,16 @@ cutoff_len: 48
 
 
 def config_text(
-    model: Path, train: Path, evaluation: Path, name: str, space: str, training: str, extra: str
+    model: Path,
+    train: Path,
+    evaluation: Path,
+    name: str,
+    space: str,
+    training: str,
+    extra: str,
+    objective: str = "name: eval_loss",
 ) -> str:
-    """A sweep YAML over the tiny model and sorting data."""
+    """A sweep YAML over the tiny model and sorting data, `objective` being its objective section."""
     return f"""\
 name: {name}
 model:
@@ -63,7 +70,7 @@ data:
   train_file: {train}
   eval_file: {evaluation}
 objective:
-  name: eval_loss
+{textwrap.indent(textwrap.dedent(objective).strip(), "  ")}
 space:
 {textwrap.indent(textwrap.dedent(space).strip(), "  ")}
 training:
@@ -77,13 +84,20 @@ sampler:
 
 @pytest.fixture
 def write_config(project, tiny_model, sort_data):
-    """Write a sweep YAML for the tiny model into the project; `extra` adds top-level sections."""
+    """Write a sweep YAML for the tiny model into the project; `extra` adds top-level sections.
+
+    `objective` replaces the body of the objective section (default: eval_loss).
+    """
 
     def write(
-        name: str = "tiny", space: str = DEFAULT_SPACE, training: str = DEFAULT_TRAINING, extra: str = ""
+        name: str = "tiny",
+        space: str = DEFAULT_SPACE,
+        training: str = DEFAULT_TRAINING,
+        extra: str = "",
+        objective: str = "name: eval_loss",
     ) -> Path:
         path = project / f"{name}.yaml"
-        path.write_text(config_text(tiny_model, *sort_data, name, space, training, extra))
+        path.write_text(config_text(tiny_model, *sort_data, name, space, training, extra, objective))
         return path
 
     return write

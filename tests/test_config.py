@@ -160,7 +160,7 @@ BAD = [
         lambda t: t.replace("format: alpaca", "format: csv"),
         5,
         "data.format",
-        "'alpaca', 'sharegpt' or 'messages'",
+        "'alpaca', 'sharegpt', 'messages' or 'gsm8k'",
     ),
     (
         "missing required section",

@@ -22,10 +22,20 @@ from trl import SFTConfig, SFTTrainer
 from objectives.base import EvalData
 from objectives.registry import load_objective
 from runners.data import SplitExamples, TokenizedCache, load_splits, resolve_chat_template
+from runners.faults import FaultCallback, disk_full, planned_faults
 from runners.memory import PeakMemory
 from runners.models import ModelCache
 from sweeps.config import SweepConfig
 from sweeps.trial import Timings, TrialParams, TrialResult, TrialStatus
+
+
+# transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
+# old name; older 5.x releases (still common on GPU images) only know the old one.
+_CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 def _ignore_step(step: int, total: int) -> None:
@@ -121,12 +131,19 @@ class TrialRunner:
         self.objective = load_objective(config.objective.name)(config.objective)
         self._splits: SplitExamples | None = None
         self._template: str | None = None
+        self._faults = planned_faults()
 
     def prepare(self) -> None:
-        """Validate data rows and the chat template; cheap, and raises `InputError` on bad input."""
+        """Validate data rows and the chat template and tokenize once; raises `InputError` on bad input."""
         if self._splits is None:
+            tokenizer = self.models.tokenizer()
             self._splits = load_splits(self.config.data)
-            self._template = resolve_chat_template(self.models.tokenizer(), self.config.data.chat_template)
+            self._template = resolve_chat_template(tokenizer, self.config.data.chat_template)
+            for examples in (self._splits.train, self._splits.eval):
+                self.tokenized.full(tokenizer, self._template, examples)
+            validate = getattr(self.objective, "validate", None)
+            if validate is not None:
+                validate()
 
     def _trainable(self, params: TrialParams) -> _Trainable:
         base = self.models.base(quantized=params.method == "qlora")
@@ -160,6 +177,10 @@ class TrialRunner:
 
         return _Trainable(peft_model, release)
 
+    def _fault_callbacks(self, trial_number: int | None) -> list[TrainerCallback]:
+        fault = self._faults.get(trial_number)
+        return [FaultCallback(fault)] if fault is not None and fault.kind != "disk_full" else []
+
     def _sft_config(self, params: TrialParams, output_dir: Path) -> SFTConfig:
         on_gpu = torch.cuda.is_available()
         bf16 = on_gpu and (self.config.model.dtype == "bfloat16" or params.method == "qlora")
@@ -176,7 +197,7 @@ class TrialRunner:
             max_grad_norm=params.max_grad_norm,
             seed=params.seed,
             bf16=bf16,
-            activation_checkpointing=params.gradient_checkpointing,
+            **{_CHECKPOINTING_ARG: params.gradient_checkpointing},
             max_length=params.cutoff_len,
             packing=params.packing,
             # Data arrives tokenized, masked and truncated from the cache; letting TRL re-map it per
@@ -191,24 +212,37 @@ class TrialRunner:
             dataloader_pin_memory=on_gpu,
         )
 
-    def _save(self, model, tokenizer, params: TrialParams, output_dir: Path) -> Path:
+    def _save(
+        self, model, tokenizer, params: TrialParams, output_dir: Path, trial_number: int | None
+    ) -> Path:
         """Write the adapter (or full weights) to a temporary folder and rename it into place.
 
-        A crash or a full disk mid-write leaves only `*.partial`, never a folder a promotion could
-        mistake for a finished adapter.
+        A crash or a full disk mid-write leaves no folder a promotion could mistake for a finished
+        adapter: the partial one is removed, and a kill leaves only `*.partial`.
         """
         final = output_dir / ("model" if params.method == "full" else "adapter")
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, safe_serialization=True)
-        if params.method == "full":
-            tokenizer.save_pretrained(partial)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        try:
+            model.save_pretrained(partial, safe_serialization=True)
+            if params.method == "full":
+                tokenizer.save_pretrained(partial)
+            fault = self._faults.get(trial_number)
+            if fault is not None and fault.kind == "disk_full":
+                raise disk_full()
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         return final
 
     def run(
-        self, params: TrialParams, output_dir: Path, callbacks: TrialCallbacks | None = None
+        self,
+        params: TrialParams,
+        output_dir: Path,
+        callbacks: TrialCallbacks | None = None,
+        trial_number: int | None = None,
     ) -> TrialResult:
         """Train with `params`, score with the sweep's objective, save the adapter under `output_dir`.
 
@@ -218,17 +252,23 @@ class TrialRunner:
         memory = PeakMemory()
         memory.reset()
         try:
-            return self._run(params, output_dir, callbacks or TrialCallbacks(), memory)
+            return self._run(params, output_dir, callbacks or TrialCallbacks(), memory, trial_number)
         except Exception as exc:  # noqa: BLE001  (any trial error is a FAILED trial, not a dead sweep)
             return TrialResult(
                 status=TrialStatus.FAILED,
                 error=f"{type(exc).__name__}: {exc}",
+                failure_kind="oom" if isinstance(exc, torch.OutOfMemoryError) else "error",
                 peak_memory_mb=memory.peak_mb(),
                 memory_kind=memory.kind,
             )
 
     def _run(
-        self, params: TrialParams, output_dir: Path, callbacks: TrialCallbacks, memory: PeakMemory
+        self,
+        params: TrialParams,
+        output_dir: Path,
+        callbacks: TrialCallbacks,
+        memory: PeakMemory,
+        trial_number: int | None,
     ) -> TrialResult:
         self.prepare()
         started = perf_counter()
@@ -259,7 +299,11 @@ class TrialRunner:
                 args=self._sft_config(params, output_dir),
                 train_dataset=train.dataset,
                 processing_class=tokenizer,
-                callbacks=[_Bridge(callbacks), *([pruning] if pruning else [])],
+                callbacks=[
+                    _Bridge(callbacks),
+                    *([pruning] if pruning else []),
+                    *self._fault_callbacks(trial_number),
+                ],
             )
             trainer.remove_callback(PrinterCallback)
             started = perf_counter()
@@ -282,7 +326,7 @@ class TrialRunner:
             started = perf_counter()
             score = self.objective.score(trainable.model, tokenizer, eval_data)
             timings.eval_s += perf_counter() - started
-            saved = self._save(trainable.model, tokenizer, params, output_dir)
+            saved = self._save(trainable.model, tokenizer, params, output_dir, trial_number)
         finally:
             trainable.release()
             shutil.rmtree(output_dir / "trainer", ignore_errors=True)

@@ -6,12 +6,8 @@ validated, so a typo is reported in a fraction of a second.
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +17,7 @@ from rich.table import Table
 
 from sweeps.config import SweepConfig, load_config
 from sweeps.errors import InputError
+from sweeps.preflight import preflight, quiet_libraries, stop_on_signals
 
 app = typer.Typer(help="Find the best fine-tuning recipe for a language model.", no_args_is_help=True)
 console = Console()
@@ -43,70 +40,38 @@ def _load(path: Path) -> SweepConfig:
         _fail_input(exc)
 
 
-def _quiet_libraries() -> None:
-    """Keep the live view readable: libraries' own progress bars and info logs off."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import datasets
-    import mlflow  # noqa: F401  (it configures its loggers on import; quiet them after)
-    import optuna
-    import transformers
-
-    for name in ("alembic", "mlflow", "optuna", "httpx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def preflight(config: SweepConfig):
-    """Everything that can be checked before a weight is loaded: model source, QLoRA, data rows.
-
-    Returns the prepared `TrialRunner` so the tokenized data and tokenizer are reused by trials.
-    """
-    from runners.models import check_model_source, qlora_unavailable_reason
-    from runners.sft import TrialRunner
-
-    method = config.space.get("method")
-    wants_qlora = config.training.get("method") == "qlora" or (
-        method is not None and "qlora" in getattr(method, "choices", [])
-    )
-    reason = qlora_unavailable_reason() if wants_qlora else None
-    if reason:
-        field = "training.method" if config.training.get("method") == "qlora" else "space.method.choices"
-        raise InputError(config.source, f"{reason}; remove qlora or run on a GPU", field)
-    check_model_source(config.model, config.source)
-    runner = TrialRunner(config, cache_dir=Path("mlruns") / "cache" / "tokenized")
-    runner.prepare()
-    return runner
-
-
-def _install_sigterm() -> None:
-    """SIGTERM stops a sweep the way Ctrl-C does: running trial KILLED, nothing finished lost."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _run(config: SweepConfig, trials: int | None, timeout: float | None) -> None:
-    _quiet_libraries()
+def _run(
+    config: SweepConfig,
+    trials: int | None,
+    timeout: float | None,
+    workers: int | None = None,
+    backend: str | None = None,
+    ray_address: str | None = None,
+) -> None:
+    quiet_libraries()
     from sweeps.display import LiveView
     from sweeps.study import TooManyFailures, run_sweep
+    from sweeps.workers import default_worker_count, run_workers
 
     try:
         runner = preflight(config)
     except InputError as exc:
         _fail_input(exc)
-    _install_sigterm()
+    stop_on_signals()
     keys = list(config.space)
     try:
         with LiveView(keys, console) as view:
-            outcome = run_sweep(config, runner, n_trials=trials, timeout=timeout, observer=view)
+            n_workers = workers or default_worker_count(config)
+            if (backend or config.backend) == "ray":
+                from sweeps.ray_backend import run_ray
+
+                outcome = run_ray(
+                    config, n_trials=trials, timeout=timeout, address=ray_address, observer=view
+                )
+            elif n_workers == 1:
+                outcome = run_sweep(config, runner, n_trials=trials, timeout=timeout, observer=view)
+            else:
+                outcome = run_workers(config, n_workers, n_trials=trials, timeout=timeout, observer=view)
     except KeyboardInterrupt:
         err_console.print(
             "[yellow]interrupted:[/] the running trial is recorded as KILLED; run the same command to resume"
@@ -131,7 +96,7 @@ def _print_best(config: SweepConfig, best) -> None:
         console.print("no complete trial yet")
         return
     table = Table(title=f"best trial of '{config.name}': #{best.number}", show_header=False)
-    table.add_row(f"objective ({config.objective.name}, {config.direction})", f"{best.value:.6g}")
+    table.add_row(f"objective ({config.objective.name}, {config.direction})", f"{best.values[0]:.6g}")
     for key, value in best.params.items():
         table.add_row(key, str(value))
     table.add_row("adapter", best.user_attrs.get("adapter_uri", "-"))
@@ -148,9 +113,20 @@ def run(
     timeout: Annotated[
         float | None, typer.Option(help="stop starting trials after this many seconds")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="parallel worker processes (default: one per visible GPU, 1 on CPU)", min=1),
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="local | ray (default: the config's backend)")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address, e.g. auto or ray://head:10001")
+    ] = None,
 ) -> None:
     """Run (or resume) a sweep until the study holds N finished trials."""
-    _run(_load(config), trials, timeout)
+    if backend not in (None, "local", "ray"):
+        err_console.print(f"[red]error:[/] --backend: unknown backend {backend!r}; allowed: local, ray")
+        raise typer.Exit(2)
+    _run(_load(config), trials, timeout, workers, backend, ray_address)
 
 
 @app.command()
@@ -179,7 +155,7 @@ def _study_or_exit(config: SweepConfig):
 def status(config: ConfigArg) -> None:
     """Where a sweep stands: trial counts and a table of trials."""
     cfg = _load(config)
-    _quiet_libraries()
+    quiet_libraries()
     from sweeps.display import trials_table
     from sweeps.study import count_states
 
@@ -192,7 +168,8 @@ def status(config: ConfigArg) -> None:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
-        rows.append((trial.number, trial.params, trial.state.name, trial.value, seconds))
+        value = trial.values[0] if trial.values else None
+        rows.append((trial.number, trial.params, trial.state.name, value, seconds))
     console.print(trials_table(rows, list(cfg.space)))
 
 
@@ -200,10 +177,30 @@ def status(config: ConfigArg) -> None:
 def best(config: ConfigArg) -> None:
     """The best trial of a sweep: its objective, parameters and where its adapter is."""
     cfg = _load(config)
-    _quiet_libraries()
+    quiet_libraries()
     from sweeps.study import best_trial
 
-    _print_best(cfg, best_trial(_study_or_exit(cfg)))
+    study = _study_or_exit(cfg)
+    _print_best(cfg, best_trial(study))
+    if cfg.objective.minimize_peak_memory:
+        _print_pareto_front(cfg, study.best_trials)
+
+
+def _print_pareto_front(config: SweepConfig, front) -> None:
+    table = Table(title="Pareto front: no other trial is better on both")
+    table.add_column("#", justify="right")
+    table.add_column(f"{config.objective.name} ({config.direction})", justify="right")
+    table.add_column("peak memory MB", justify="right")
+    for key in config.space:
+        table.add_column(key)
+    for trial in sorted(front, key=lambda t: t.values[1]):
+        table.add_row(
+            str(trial.number),
+            f"{trial.values[0]:.6g}",
+            f"{trial.values[1]:.0f}",
+            *(str(trial.params.get(key, "-")) for key in config.space),
+        )
+    console.print(table)
 
 
 @app.command()
@@ -232,6 +229,49 @@ def ui(
     ]
     console.print(f"MLflow UI on http://{host}:{port} (backend {uri})")
     raise typer.Exit(subprocess.call(command))
+
+
+@app.command()
+def promote(
+    config: ConfigArg,
+    trial: Annotated[
+        int | None, typer.Option(help="trial number to promote (default: the best complete trial)", min=0)
+    ] = None,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            help="also write a quantized copy: gptq (4-bit, group size 128; needs CUDA and llmcompressor)"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="folder for the merged model (default: mlruns/promoted/<sweep>/trial-<N>)"),
+    ] = None,
+) -> None:
+    """Merge a trial's adapter into its base, check it, optionally export GPTQ, register it as champion."""
+    cfg = _load(config)
+    quiet_libraries()
+    from sweeps.promote import MergeMismatch
+    from sweeps.promote import promote as promote_trial
+
+    try:
+        result = promote_trial(cfg, trial_number=trial, export=export, output=output)
+    except InputError as exc:
+        _fail_input(exc)
+    except MergeMismatch as exc:
+        err_console.print(f"[red]promotion failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    table = Table(title=f"promoted trial #{result.trial} of '{cfg.name}'", show_header=False)
+    table.add_row(f"trial objective ({cfg.objective.name})", f"{result.trial_value:.6g}")
+    table.add_row(f"merged objective ({result.dtype})", f"{result.merged_objective:.6g}")
+    if result.merge_error is not None:
+        table.add_row("merge check (max rel. logit error)", f"{result.merge_error:.3g}")
+    table.add_row("merged model", f"{result.merged_dir} ({result.merged_bytes / 2**20:.1f} MiB)")
+    if result.gptq_dir is not None:
+        table.add_row("gptq export", f"{result.gptq_dir} ({result.gptq_bytes / 2**20:.1f} MiB)")
+        table.add_row("gptq objective (delta)", f"{result.gptq_objective:.6g} ({result.gptq_delta:+.4g})")
+    table.add_row("registered", f"{result.model_name} version {result.version} (alias champion)")
+    console.print(table)
 
 
 if __name__ == "__main__":

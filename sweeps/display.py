@@ -61,7 +61,7 @@ class LiveView:
         )
         self.rows: list[tuple[int, dict[str, Any], str, float | None, float]] = []
         self._trial_task = None
-        self._step_task = None
+        self._step_tasks: dict[int, int] = {}
         self._live: Live | None = None
 
     def _render(self) -> Group:
@@ -81,17 +81,17 @@ class LiveView:
         self._trial_task = self.trials.add_task("trials", total=target, completed=done)
 
     def trial_started(self, number: int, params: dict[str, Any]) -> None:
-        if self._step_task is not None:
-            self.steps.remove_task(self._step_task)
-        self._step_task = self.steps.add_task(f"trial {number} steps", total=None)
+        self._step_tasks[number] = self.steps.add_task(f"trial {number} steps", total=None)
 
-    def trial_step(self, step: int, total: int) -> None:
-        if self._step_task is not None:
-            self.steps.update(self._step_task, completed=step, total=total or None)
+    def trial_step(self, number: int, step: int, total: int) -> None:
+        if number in self._step_tasks:
+            self.steps.update(self._step_tasks[number], completed=step, total=total or None)
 
     def trial_finished(self, number: int, params: dict[str, Any], result: TrialResult) -> None:
         state = {TrialStatus.COMPLETE: "COMPLETE", TrialStatus.PRUNED: "PRUNED"}.get(result.status, "FAIL")
         self.rows.append((number, params, state, result.objective, result.timings.total_s))
+        if number in self._step_tasks:
+            self.steps.remove_task(self._step_tasks.pop(number))
         if result.status != TrialStatus.FAILED and self._trial_task is not None:
             self.trials.advance(self._trial_task)
         if result.status == TrialStatus.FAILED:

@@ -104,16 +104,18 @@ class SweepTracker:
             self.client.log_artifact(self.parent_id, str(cfg.source), "config")
         return self.parent_id
 
-    def close_stale_children(self) -> int:
-        """Mark child runs left RUNNING by a killed earlier invocation as KILLED; returns how many."""
+    def close_stale_children(
+        self, status: str = "KILLED", state: str = "FAIL", reason: str = "the process running this trial died"
+    ) -> int:
+        """Close child runs left RUNNING (by a killed earlier invocation, say); returns how many."""
         stale = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'",
         )
         for run in stale:
-            self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
-            self.client.set_tag(run.info.run_id, "error", "the process running this trial died")
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+            self.client.set_tag(run.info.run_id, "optuna.state", state)
+            self.client.set_tag(run.info.run_id, "error" if state == "FAIL" else "note", reason)
+            self.client.set_terminated(run.info.run_id, status=status)
         return len(stale)
 
     def start_trial(self, number: int, params: TrialParams, sampled: dict[str, Any]) -> str:
@@ -180,6 +182,16 @@ class SweepTracker:
         self.client.set_terminated(run_id, status=_MLFLOW_STATUS[result.status])
         return adapter_uri
 
+    def attach(self, parent_id: str) -> None:
+        """Write trials under a parent run opened by another process (the orchestrator)."""
+        self.parent_id = parent_id
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Close a trial's run as FAILED from outside its process (its worker died)."""
+        self.client.set_tag(run_id, "optuna.state", "FAIL")
+        self.client.set_tag(run_id, "error", reason)
+        self.client.set_terminated(run_id, status="FAILED")
+
     def kill_trial(self, run_id: str, reason: str) -> None:
         """Close a trial's run as KILLED (interrupted), keeping the curve it logged so far."""
         self.flush(run_id)
@@ -187,10 +199,13 @@ class SweepTracker:
         self.client.set_tag(run_id, "error", reason)
         self.client.set_terminated(run_id, status="KILLED")
 
-    def summarise(self, counts: dict[str, int], best: dict[str, Any] | None) -> None:
+    def summarise(
+        self, counts: dict[str, int], best: dict[str, Any] | None, extra: dict[str, float] | None = None
+    ) -> None:
         """Record the sweep's standing on the parent run: counts, best value and params."""
         now = int(time.time() * 1000)
         metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in counts.items()]
+        metrics += [Metric(key, float(value), now, 0) for key, value in (extra or {}).items()]
         tags = []
         if best is not None:
             metrics.append(Metric("best_value", float(best["value"]), now, 0))

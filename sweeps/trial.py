@@ -98,3 +98,4 @@ class TrialResult(BaseModel):
     train_tokens_per_s: float = 0.0
     truncated_rows: int = 0
     error: str | None = None
+    failure_kind: Literal["oom", "error"] | None = None

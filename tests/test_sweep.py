@@ -248,4 +248,48 @@ def test_a_hyperband_pruner_prunes_bad_trials_and_mlflow_shows_them_pruned(write
         curve = client.get_metric_history(run.info.run_id, "intermediate_objective")
         assert len(curve) >= 1
         assert run.data.metrics["pruned_at_step"] == curve[-1].step
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")][-1] == curve[-1].step
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")][-1] == curve[
+            -1
+        ].step
+
+
+def test_minimising_peak_memory_too_gives_a_pareto_front(write_config):
+    config = write_config(
+        extra="sampler: {type: nsga2, seed: 0}\nobjective_extra: null",
+    )
+    config.write_text(
+        config.read_text()
+        .replace("objective_extra: null\n", "")
+        .replace("  name: eval_loss\n", "  name: eval_loss\n  minimize_peak_memory: true\n")
+        .replace("sampler:\n  type: random\n  seed: 0\n", "")
+    )
+    result = sweep("run", config, "--trials", 3)
+    assert result.exit_code == 0, result.output
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend("mlruns/optuna/tiny.journal")
+    )
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(study.directions) == 2
+    assert all(len(t.values) == 2 and t.values[1] > 0 for t in study.trials)
+    best = sweep("best", config)
+    assert best.exit_code == 0 and "Pareto front" in best.output
+
+
+def test_a_grid_sweep_covers_each_point_once_and_stops(write_config):
+    config = write_config(
+        space="learning_rate: {type: categorical, choices: [0.001, 0.01]}",
+        extra="sampler: {type: grid}",
+    )
+    config.write_text(config.read_text().replace("sampler:\n  type: random\n  seed: 0\n", ""))
+    result = sweep("run", config, "--trials", 5)
+    assert result.exit_code == 0, result.output
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend("mlruns/optuna/tiny.journal")
+    )
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert sorted(t.params["learning_rate"] for t in trials) == [0.001, 0.01]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from time import perf_counter
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -27,7 +27,6 @@ from runners.memory import PeakMemory
 from runners.models import ModelCache
 from sweeps.config import SweepConfig
 from sweeps.trial import Timings, TrialParams, TrialResult, TrialStatus
-
 
 # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
 # old name; older 5.x releases (still common on GPU images) only know the old one.
@@ -152,9 +151,9 @@ class TrialRunner:
             model = copy.deepcopy(base)
             model.requires_grad_(True)
             return _Trainable(model)
-        if params.method == "qlora" and not getattr(base, "_sweep_kbit_prepared", False):
-            prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-            base._sweep_kbit_prepared = True
+        # QLoRA trials get no prepare_model_for_kbit_training: it upcasts norms and embeddings to
+        # fp32, which turns every activation fp32 and cost more memory than bf16 LoRA in
+        # bench/RESULTS.md; the adapters train in fp32 either way and the base stays frozen.
         lora = LoraConfig(
             r=params.lora_rank,
             lora_alpha=params.lora_alpha,
@@ -183,7 +182,9 @@ class TrialRunner:
 
     def _sft_config(self, params: TrialParams, output_dir: Path) -> SFTConfig:
         on_gpu = torch.cuda.is_available()
-        bf16 = on_gpu and (self.config.model.dtype == "bfloat16" or params.method == "qlora")
+        # Mixed precision whenever the GPU has bf16, also for dtype auto/float32 weights (classic AMP);
+        # only float16 models are left to train as they are.
+        bf16 = on_gpu and torch.cuda.is_bf16_supported() and self.config.model.dtype != "float16"
         return SFTConfig(
             output_dir=str(output_dir / "trainer"),
             per_device_train_batch_size=params.per_device_batch_size,

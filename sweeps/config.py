@@ -540,6 +540,22 @@ def _check_multi_objective(cfg: SweepConfig, err) -> None:
         raise err(("backend",), "minimize_peak_memory runs on the local backend only")
 
 
+_STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def _check_storage(cfg: SweepConfig, err) -> None:
+    """Only an RDB URL SQLAlchemy can open; a typo would otherwise fail after preflight, mid-sweep."""
+    if cfg.storage is None:
+        return
+    scheme = cfg.storage.split("://", 1)[0] if "://" in cfg.storage else ""
+    if scheme.split("+", 1)[0] not in _STORAGE_SCHEMES:
+        allowed = ", ".join(f"{name}://" for name in _STORAGE_SCHEMES)
+        raise err(
+            ("storage",),
+            f"{cfg.storage!r} is not a database URL; allowed: {allowed} (unset: a journal file in mlruns/)",
+        )
+
+
 def _check_pruner(cfg: SweepConfig, err) -> None:
     if cfg.pruner.type != "none" and cfg.pruner.eval_every_steps is None:
         raise err(
@@ -584,6 +600,7 @@ def parse_config(text: str, file: Path) -> SweepConfig:
     _check_space_semantics(cfg, err)
     _check_training(cfg, err)
     _check_pruner(cfg, err)
+    _check_storage(cfg, err)
     _check_multi_objective(cfg, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file

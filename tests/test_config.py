@@ -185,6 +185,51 @@ BAD = [
         "less than 1",
     ),
     (
+        "storage that is no database URL",
+        lambda t: t + "storage: postgress//db/sweeps\n",
+        26,
+        "storage",
+        "is not a database URL; allowed: sqlite://, postgresql://",
+    ),
+    (
+        "unknown ray setting",
+        lambda t: t + "ray: {adress: auto}\n",
+        26,
+        "ray.adress",
+        "unknown field 'adress'; allowed: address, num_cpus",
+    ),
+    (
+        "ray resources out of range",
+        lambda t: t + "ray: {cpus_per_trial: 0}\n",
+        26,
+        "ray.cpus_per_trial",
+        "greater than 0",
+    ),
+    (
+        "unknown backend",
+        lambda t: t + "backend: slurm\n",
+        26,
+        "backend",
+        "'local' or 'ray'",
+    ),
+    (
+        "int parameter with a float bound",
+        lambda t: t.replace("low: 4", "low: 4.5"),
+        20,
+        "space.lora_rank.low",
+        "valid integer",
+    ),
+    (
+        "multi-objective with a single-objective sampler",
+        lambda t: (
+            t.replace("name: eval_loss", "name: eval_loss\n  minimize_peak_memory: true")
+            + "sampler: {type: cmaes}\n"
+        ),
+        27,
+        "sampler.type",
+        "single-objective; with minimize_peak_memory use nsga2",
+    ),
+    (
         "pruner without intermediate scores",
         lambda t: t + "pruner: {type: median}\n",
         26,

@@ -297,6 +297,12 @@ class _Context:
     evaluation: EvalData
 
 
+def _full_objective(config: SweepConfig):
+    """The sweep's objective over its whole eval set: trials may score a `max_samples` subset to
+    save time, the model that ships is scored on everything."""
+    return load_objective(config.objective.name)(config.objective.model_copy(update={"max_samples": None}))
+
+
 def _merge_and_save(ctx: _Context, folder: Path) -> tuple[float | None, float]:
     """Build the promoted model, check it, score it, save it to `folder`: (merge error, objective).
 
@@ -313,8 +319,7 @@ def _merge_and_save(ctx: _Context, folder: Path) -> tuple[float | None, float]:
         model = AutoModelForCausalLM.from_pretrained(
             ctx.artifact_dir, dtype=getattr(torch, ctx.dtype), trust_remote_code=ctx.model.trust_remote_code
         ).to(device())
-    objective = load_objective(ctx.config.objective.name)(ctx.config.objective)
-    value = objective.score(model, ctx.tokenizer, ctx.evaluation).value
+    value = _full_objective(ctx.config).score(model, ctx.tokenizer, ctx.evaluation).value
     # Trials train with the KV cache off; a model that ships must generate with it.
     model.config.use_cache = True
     model.generation_config.use_cache = True
@@ -331,8 +336,7 @@ def _score_folder(ctx: _Context, folder: Path) -> float:
         device_map={"": str(device())},
         trust_remote_code=ctx.model.trust_remote_code,
     )
-    objective = load_objective(ctx.config.objective.name)(ctx.config.objective)
-    value = objective.score(model, ctx.tokenizer, ctx.evaluation).value
+    value = _full_objective(ctx.config).score(model, ctx.tokenizer, ctx.evaluation).value
     del model
     _free_memory()
     return value
@@ -354,7 +358,7 @@ def _registry_tags(
         "sweep.direction": config.direction,
         "sweep.parent_run_id": run.data.tags.get("mlflow.parentRunId", ""),
         "trial.number": str(trial.number),
-        "trial.value": repr(trial.value),
+        "trial.value": repr(trial.values[0]),
         "trial.run_id": run.info.run_id,
         "trial.method": params.method,
         "trial.params": json.dumps(params.model_dump(), sort_keys=True),
@@ -477,7 +481,7 @@ def promote(
         promotion = Promotion(
             sweep=config.name,
             trial=trial.number,
-            trial_value=trial.value,
+            trial_value=trial.values[0],
             run_id=run.info.run_id,
             method=params.method,
             dtype=ctx.dtype,

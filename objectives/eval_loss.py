@@ -31,9 +31,11 @@ def _summed_loss(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Te
         ).item()
     outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
     keep = shifted != IGNORE_INDEX
-    hidden = outputs.hidden_states[-1][:, :-1][keep]
-    targets = shifted[keep]
     head = model.get_output_embeddings()
+    # After a mixed-precision trainer ran, accelerate's forward wrapper hands back fp32 outputs,
+    # hidden states included; the head takes them in its own dtype.
+    hidden = outputs.hidden_states[-1][:, :-1][keep].to(next(head.parameters()).dtype)
+    targets = shifted[keep]
     total = 0.0
     for start in range(0, hidden.size(0), _CHUNK_TOKENS):
         logits = head(hidden[start : start + _CHUNK_TOKENS]).float()

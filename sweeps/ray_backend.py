@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.config import SweepConfig, load_config
 from sweeps.space import suggest, trial_params
@@ -34,6 +35,7 @@ from sweeps.tracking import SweepTracker
 from sweeps.trial import TrialResult, TrialStatus
 
 _NUMBER = "_optuna_trial_number"
+_FINISHED = "trial_finished"
 _RUNNERS: dict[str, Any] = {}
 
 
@@ -75,7 +77,7 @@ def ray_trial(tune_config: dict[str, Any], config_path: str, parent_id: str, pro
     run_id = tracker.start_trial(number, params, sampled)
 
     def report(value: float, step: int) -> bool:
-        tune.report({"intermediate_objective": value, "step": step})
+        tune.report({"objective": value, "intermediate_objective": value, "step": step})
         return True
 
     callbacks = TrialCallbacks(
@@ -92,7 +94,21 @@ def ray_trial(tune_config: dict[str, Any], config_path: str, parent_id: str, pro
     if result.status == TrialStatus.FAILED:
         raise RuntimeError(result.error)
     if result.status == TrialStatus.COMPLETE:
-        tune.report({"objective": result.objective, "step": result.metrics.get("train_rows", 0)})
+        tune.report({"objective": result.objective, _FINISHED: True})
+
+
+class _OptunaSearch(OptunaSearch):
+    """OptunaSearch that records a trial ASHA stopped as PRUNED, not COMPLETE.
+
+    Every report carries `objective` (OptunaSearch forwards it to the Optuna trial as an
+    intermediate value), so the last report of a stopped trial looks like a result; only a
+    trial's own final report is marked finished.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result is not None and not error and not result.get(_FINISHED):
+            result = {key: value for key, value in result.items() if key != self.metric}
+        super().on_trial_complete(trial_id, result, error)
 
 
 class _DefineByRun:
@@ -117,7 +133,7 @@ def _scheduler(config: SweepConfig):
     # Ray's time axis is the number of intermediate reports, one every eval_every_steps.
     return ASHAScheduler(
         time_attr="training_iteration",
-        metric="intermediate_objective",
+        metric="objective",
         mode="min" if config.direction == "minimize" else "max",
         grace_period=config.pruner.min_resource,
         reduction_factor=config.pruner.reduction_factor,
@@ -135,7 +151,6 @@ def run_ray(
     """Run the sweep on Ray (a local one when no address is given) until `n_trials` are finished."""
     import ray
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     observer = observer or _Silent()
     timeout = timeout if timeout is not None else config.budget.timeout
@@ -155,7 +170,7 @@ def run_ray(
         log_to_driver=False,
     )
 
-    searcher = OptunaSearch(
+    searcher = _OptunaSearch(
         space=_DefineByRun(config),
         metric="objective",
         mode="min" if config.direction == "minimize" else "max",
@@ -192,7 +207,7 @@ def run_ray(
             number = int(result.config[_NUMBER])
             if result.error is not None:
                 trial_result = TrialResult(status=TrialStatus.FAILED, error=str(result.error).strip()[-500:])
-            elif "objective" in result.metrics:
+            elif result.metrics.get(_FINISHED):
                 trial_result = TrialResult(status=TrialStatus.COMPLETE, objective=result.metrics["objective"])
             else:
                 trial_result = TrialResult(status=TrialStatus.PRUNED)

@@ -25,3 +25,23 @@ def test_a_ray_sweep_records_the_same_structure_as_the_local_backend(write_confi
         )
     best = sweep("best", config)
     assert best.exit_code == 0 and "file://" in best.output
+
+
+def test_asha_stops_trials_as_pruned_and_leaves_no_run_running(write_config):
+    config = write_config(
+        space="learning_rate: {type: float, low: 1.0e-6, high: 3.0e-2, log: true}",
+        training="max_steps: 12\nper_device_batch_size: 8\ncutoff_len: 48\nmethod: full",
+        extra=(
+            "backend: ray\nray: {num_cpus: 2, num_gpus: 0, cpus_per_trial: 1}\n"
+            "pruner: {type: hyperband, min_resource: 1, reduction_factor: 2, eval_every_steps: 2, eval_samples: 8}"
+        ),
+    )
+    result = sweep("run", config, "--trials", 4)
+    assert result.exit_code == 0, result.output
+    states = trial_states("tiny")
+    assert len(states) == 4 and set(states) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    parent, children = runs("tiny")
+    assert parent.info.status == "FINISHED"
+    assert all(c.info.status == "FINISHED" for c in children)
+    pruned = [c for c in children if c.data.tags["optuna.state"] == "PRUNED"]
+    assert len(pruned) == states.count("PRUNED")

@@ -312,17 +312,20 @@ class TrialRunner:
             timings.eval_s = pruning.seconds if pruning else 0.0
             timings.train_s = perf_counter() - started - timings.eval_s
             tokens = int(trainer.state.num_input_tokens_seen)
+            measured = {
+                "peak_memory_mb": memory.peak_mb(),
+                "memory_kind": memory.kind,
+                "timings": timings,
+                "train_tokens": tokens,
+                "train_tokens_per_s": tokens / timings.train_s if timings.train_s > 0 else 0.0,
+                "truncated_rows": train.truncated_rows,
+            }
             if pruning is not None and pruning.pruned_at is not None:
                 return TrialResult(
                     status=TrialStatus.PRUNED,
                     objective=pruning.last_value,
                     metrics={"pruned_at_step": float(pruning.pruned_at)},
-                    peak_memory_mb=memory.peak_mb(),
-                    memory_kind=memory.kind,
-                    timings=timings,
-                    train_tokens=tokens,
-                    train_tokens_per_s=tokens / timings.train_s if timings.train_s > 0 else 0.0,
-                    truncated_rows=train.truncated_rows,
+                    **measured,
                 )
             started = perf_counter()
             score = self.objective.score(trainable.model, tokenizer, eval_data)
@@ -341,15 +344,12 @@ class TrialRunner:
             "truncated_rows": float(train.truncated_rows),
             "dropped_rows": float(train.dropped_rows),
         }
+        # The peak is read again: scoring and saving may have raised it.
+        measured["peak_memory_mb"] = memory.peak_mb()
         return TrialResult(
             status=TrialStatus.COMPLETE,
             objective=score.value,
             metrics=metrics,
             adapter_path=str(saved),
-            peak_memory_mb=memory.peak_mb(),
-            memory_kind=memory.kind,
-            timings=timings,
-            train_tokens=tokens,
-            train_tokens_per_s=tokens / timings.train_s if timings.train_s > 0 else 0.0,
-            truncated_rows=train.truncated_rows,
+            **measured,
         )

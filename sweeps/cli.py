@@ -20,7 +20,9 @@ from sweeps.errors import InputError
 from sweeps.preflight import preflight, quiet_libraries, stop_on_signals
 
 app = typer.Typer(help="Find the best fine-tuning recipe for a language model.", no_args_is_help=True)
-console = Console()
+# Rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`), which cuts the
+# trial table's parameter names; logs get room for them instead.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
@@ -80,6 +82,7 @@ def _run(
     except TooManyFailures as exc:
         err_console.print(f"[red]sweep stopped:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1)
+    console.print()
     if outcome.already_done:
         console.print(
             f"study '{config.name}' already has {outcome.finished}/{outcome.target} finished trials; nothing to run"

@@ -7,7 +7,7 @@ import math
 import torch
 
 from objectives.base import EvalData, Score
-from runners.data import IGNORE_INDEX
+from runners.data import IGNORE_INDEX, pad_right
 from sweeps.config import ObjectiveConfig
 
 _CHUNK_TOKENS = 1024
@@ -63,18 +63,11 @@ class EvalLoss:
         model.eval()
         total_loss, total_tokens = 0.0, 0
         for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            width = max(len(row["input_ids"]) for row in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, row in enumerate(batch):
-                n = len(row["input_ids"])
-                ids[i, :n] = torch.tensor(row["input_ids"])
-                labels[i, :n] = torch.tensor(row["labels"])
-                mask[i, :n] = 1
-            shifted = labels[:, 1:].to(device)
-            total_loss += _summed_loss(model, ids.to(device), mask.to(device), shifted)
+            batch = pad_right(rows[start : start + self.batch_size], tokenizer.pad_token_id)
+            shifted = batch["labels"][:, 1:].to(device)
+            total_loss += _summed_loss(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), shifted
+            )
             total_tokens += int((shifted != IGNORE_INDEX).sum())
         if was_training:
             model.train()

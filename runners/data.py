@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, load_from_disk
 
 from objectives.gsm8k import chat_messages, row_problem
@@ -258,6 +259,27 @@ def tokenize_example(tokenizer, template: str, example: Example) -> dict[str, li
 def prompt_text(tokenizer, template: str, example: Example) -> str:
     """The conversation up to the last reply, ready for generation."""
     return _render(tokenizer, template, example.messages[:-1], add_generation_prompt=True)
+
+
+def pad_right(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tokenized rows as one right-padded batch: input_ids, attention_mask, and labels when rows have them.
+
+    Padding positions get `pad_id` in input_ids and IGNORE_INDEX in labels, so they never count.
+    """
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    if "labels" in rows[0]:
+        batch["labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        if "labels" in batch:
+            batch["labels"][i, :n] = torch.tensor(row["labels"])
+    return batch
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def build_tiny_model(out_dir: Path, pretrain_steps: int = 400, seed: int = 0) ->
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from runners.data import CHATML_TEMPLATE, Example, tokenize_example
+    from runners.data import CHATML_TEMPLATE, Example, pad_right, tokenize_example
 
     rows = pretrain_rows(2000, seed)
     corpus = [" ".join(row.values()) for row in rows + sort_rows(200, seed + 1)]
@@ -118,17 +118,7 @@ def build_tiny_model(out_dir: Path, pretrain_steps: int = 400, seed: int = 0) ->
         rng = random.Random(seed)
         model.train()
         for _ in range(pretrain_steps):
-            batch = rng.sample(encoded, 32)
-            width = max(len(item["input_ids"]) for item in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, item in enumerate(batch):
-                n = len(item["input_ids"])
-                ids[i, :n] = torch.tensor(item["input_ids"])
-                labels[i, :n] = torch.tensor(item["labels"])
-                mask[i, :n] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = model(**pad_right(rng.sample(encoded, 32), tokenizer.pad_token_id)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -37,7 +37,14 @@ from transformers import AutoModelForCausalLM
 
 from objectives.base import EvalData
 from objectives.registry import load_objective
-from runners.data import Example, TokenizedCache, load_splits, resolve_chat_template, tokenize_example
+from runners.data import (
+    Example,
+    TokenizedCache,
+    load_splits,
+    pad_right,
+    resolve_chat_template,
+    tokenize_example,
+)
 from runners.models import ModelCache, device
 from sweeps.config import ModelConfig, SweepConfig
 from sweeps.errors import InputError
@@ -259,14 +266,8 @@ def check_merge(reference: torch.Tensor, merged: torch.Tensor, dtype: str) -> fl
 
 def _check_batch(data: EvalData, pad_id: int) -> dict[str, torch.Tensor]:
     rows = data.tokenized.dataset.select(range(min(_CHECK_ROWS, len(data.tokenized.dataset))))
-    ids = [row["input_ids"][:_CHECK_TOKENS] for row in rows]
-    width = max(len(row) for row in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return {"input_ids": input_ids.to(device()), "attention_mask": mask.to(device())}
+    batch = pad_right([{"input_ids": row["input_ids"][:_CHECK_TOKENS]} for row in rows], pad_id)
+    return {key: tensor.to(device()) for key, tensor in batch.items()}
 
 
 @torch.no_grad()

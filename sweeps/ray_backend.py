@@ -154,7 +154,7 @@ def run_ray(
 
     observer = observer or _Silent()
     timeout = timeout if timeout is not None else config.budget.timeout
-    started = start_sweep(config, n_trials)
+    started = start_sweep(config, n_trials, observer)
     study, tracker, outcome = started.study, started.tracker, started.outcome
     if outcome.already_done:
         return outcome
@@ -200,7 +200,6 @@ def run_ray(
         ),
     )
     status = "FINISHED"
-    observer.sweep_started(before, target)
     try:
         grid = tuner.fit()
         for result in grid:

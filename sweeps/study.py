@@ -393,11 +393,12 @@ class SweepStart:
     outcome: SweepOutcome
 
 
-def start_sweep(config: SweepConfig, n_trials: int | None) -> SweepStart:
+def start_sweep(config: SweepConfig, n_trials: int | None, observer: SweepObserver) -> SweepStart:
     """Open the study and (re)open the parent run; close what a killed earlier invocation left running.
 
     When the study already holds the target, the parent run is closed again and the outcome says
-    `already_done`: every backend answers a finished sweep the same way.
+    `already_done`: every backend answers a finished sweep the same way. Otherwise the observer
+    is told where the sweep starts from.
     """
     target = sweep_target(config, n_trials)
     study = open_study(config)
@@ -412,6 +413,8 @@ def start_sweep(config: SweepConfig, n_trials: int | None) -> SweepStart:
         outcome.best = best_trial(study)
         tracker.summarise(count_states(study), best_summary(study))
         tracker.close_sweep("FINISHED")
+    else:
+        observer.sweep_started(before, target)
     return SweepStart(study, tracker, outcome)
 
 
@@ -429,19 +432,18 @@ def run_sweep(
     """
     observer = observer or _Silent()
     timeout = timeout if timeout is not None else config.budget.timeout
-    started = start_sweep(config, n_trials)
+    started = start_sweep(config, n_trials, observer)
     study, tracker, outcome = started.study, started.tracker, started.outcome
     if outcome.already_done:
         return outcome
     target = outcome.target
-    observer.sweep_started(outcome.finished, target)
     loop = TrialLoop(config, runner, study, tracker, observer)
-    started = time.monotonic()
+    clock_start = time.monotonic()
     failures = 0
     status = "FINISHED"
     try:
         while True:
-            if timeout is not None and time.monotonic() - started >= timeout:
+            if timeout is not None and time.monotonic() - clock_start >= timeout:
                 outcome.timed_out = True
                 break
             trial = loop.claim(target)

@@ -133,12 +133,11 @@ def run_workers(
     """Run the sweep with `n_workers` worker processes until the study holds `n_trials` finished trials."""
     observer = observer or _Silent()
     timeout = timeout if timeout is not None else config.budget.timeout
-    started = start_sweep(config, n_trials)
+    started = start_sweep(config, n_trials, observer)
     study, tracker, outcome = started.study, started.tracker, started.outcome
     if outcome.already_done:
         return outcome
     target = outcome.target
-    observer.sweep_started(outcome.finished, target)
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
     deadline = time.time() + timeout if timeout is not None else None

@@ -312,7 +312,7 @@ def write_config(
     store: Path | None = None,
 ):
     """A sweep YAML in the documented format, validated by the project's own loader."""
-    from sweeps.config import load_config
+    from core.config import load_config
 
     lines = [
         f"name: {name}",
@@ -352,7 +352,7 @@ def write_config(
 
 
 def trial_params(**overrides):
-    from sweeps.trial import TrialParams
+    from core.trial import TrialParams
 
     params = {"method": "lora", "lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "seed": 0}
     params.update(overrides)

@@ -122,7 +122,7 @@ def main() -> int:
 
     import torch
 
-    from sweeps.config import load_config
+    from core.config import load_config
     from sweeps.promote import gptq_unavailable_reason, promote
 
     reason = gptq_unavailable_reason()

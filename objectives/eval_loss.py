@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from objectives.base import EvalData, Score
-from runners.data import IGNORE_INDEX, pad_right
-from sweeps.config import ObjectiveConfig
+from core.config import ObjectiveConfig
+from core.eval import IGNORE_INDEX, EvalData, Score, pad_right
 
 _CHUNK_TOKENS = 1024
 

@@ -22,18 +22,16 @@ import random
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.util import find_spec
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from sweeps.errors import InputError
+from core.errors import InputError
 
 if TYPE_CHECKING:
-    from sweeps.config import ObjectiveConfig
+    from core.config import ObjectiveConfig
 
 BatchSize = int | Literal["auto"]
 
@@ -472,45 +470,6 @@ def _generate_vllm(
     requests = [{"prompt_token_ids": ids} for ids in encoded]
     results = engine.generate(requests, params, lora_request=lora_request, use_tqdm=False)
     return [trim_at_stop(result.outputs[0].text, stops) for result in results]
-
-
-@dataclass(frozen=True)
-class EvalRow:
-    """One row of an objective's own eval rows, with where it came from."""
-
-    source: str
-    line: int | None  # 1-based line in a .jsonl file; None for a .json list or a dataset
-    index: int
-    data: Any
-
-    def error(self, message: str) -> InputError:
-        """An `InputError` naming this row's file and line (or its index)."""
-        return InputError(
-            self.source, message, None if self.line is not None else f"row {self.index}", self.line
-        )
-
-
-def read_eval_rows(source: str, split: str, dataset_config: str | None) -> list[EvalRow]:
-    """Rows of a local .jsonl/.json file, or of `split` of a `datasets` id or folder.
-
-    Raises:
-        InputError: for a missing file, invalid JSON, or a dataset that cannot be loaded.
-    """
-    if source.endswith((".json", ".jsonl")):
-        # Imported here: runners.data imports objectives.gsm8k, which imports this module.
-        from runners.data import _read_rows
-
-        return [EvalRow(source, line, index, row) for line, index, row in _read_rows(Path(source))]
-    # Imported here: loading datasets is slow, and the benchmark uses this module without it.
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(source, dataset_config, split=split)
-    except Exception as exc:  # noqa: BLE001  (datasets raises many types; all mean "cannot load")
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        config = f", config {dataset_config!r}" if dataset_config else ""
-        raise InputError(source, f"cannot load split {split!r}{config} as a dataset: {first_line}") from None
-    return [EvalRow(source, None, index, row) for index, row in enumerate(rows)]
 
 
 def fixed_subset(n: int, max_samples: int | None, seed: int) -> list[int]:

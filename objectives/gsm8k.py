@@ -18,27 +18,25 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from core.errors import InputError
+from core.rows import QUESTION_TEMPLATE, EvalRow, chat_messages, read_eval_rows, row_problem
 from objectives.generation import (
-    EvalRow,
     fixed_subset,
     generate_for_objective,
-    read_eval_rows,
     require_backend,
 )
-from sweeps.errors import InputError
 
 if TYPE_CHECKING:
-    from objectives.base import EvalData, Score
-    from sweeps.config import ObjectiveConfig
+    from core.config import ObjectiveConfig
+    from core.eval import EvalData, Score
 
 # gsm8k.yaml: generation_kwargs.until. lm-eval cuts each generation at the
 # first of these (lm_eval/models/utils.py: postprocess_generated_text).
 STOP_SEQUENCES: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
 
 # gsm8k.yaml: doc_to_text "Question: {{question}}\nAnswer:".
-_QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
 # gsm8k.yaml sets neither delimiter; these are TaskConfig's defaults
 # (lm_eval/config/task.py).
 _TARGET_DELIMITER = " "
@@ -60,7 +58,6 @@ _ANSWER_MARKER = "#### "
 # gsm8k.yaml: num_fewshot.
 DEFAULT_NUM_FEWSHOT = 5
 # The last line of an official GSM8K answer field: "#### 72".
-_FINAL_ANSWER_LINE = re.compile(r"(?:^|\n)#### \S[^\n]*\s*$")
 
 
 @dataclass(frozen=True)
@@ -99,26 +96,11 @@ def fewshot_prompt(question: str, shots: list[dict[str, str]]) -> str:
     split with its own seed). With no shots the prompt is the bare question.
     """
     turns = [
-        _QUESTION_TEMPLATE.format(question=shot["question"]) + _TARGET_DELIMITER + shot["answer"]
+        QUESTION_TEMPLATE.format(question=shot["question"]) + _TARGET_DELIMITER + shot["answer"]
         for shot in shots
     ]
-    turns.append(_QUESTION_TEMPLATE.format(question=question))
+    turns.append(QUESTION_TEMPLATE.format(question=question))
     return _FEWSHOT_DELIMITER.join(turns)
-
-
-def chat_messages(question: str, system_prompt: str | None) -> list[dict[str, str]]:
-    """Zero-shot chat messages, as lm-eval's --apply_chat_template builds them.
-
-    The user turn is the plain zero-shot prompt, ending in "Answer:"; the
-    system turn is present only for a non-empty `system_prompt` (lm-eval's
-    --system_instruction). Render with the tokenizer's chat template and
-    add_generation_prompt=True.
-    """
-    messages = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": _QUESTION_TEMPLATE.format(question=question)})
-    return messages
 
 
 def truncate_at_stop(generation: str) -> str:
@@ -212,28 +194,6 @@ def score_generations(generations: list[str], references: list[str]) -> Gsm8kSco
     )
 
 
-def row_problem(row: Any) -> str | None:
-    """Why `row` is not a GSM8K row, or None when it is one.
-
-    A row is a JSON object with a non-empty `question` and an `answer` whose last line is
-    '#### <final answer>', as in the official jsonl files.
-    """
-    if not isinstance(row, dict):
-        return "a gsm8k row must be a JSON object with 'question' and 'answer'"
-    missing = [key for key in ("question", "answer") if key not in row]
-    if missing:
-        return (
-            "gsm8k row needs 'question' and 'answer' (a worked solution ending '#### <number>'); "
-            f"missing {missing}"
-        )
-    for key in ("question", "answer"):
-        if not isinstance(row[key], str) or not row[key].strip():
-            return f"field {key!r} must be a non-empty string"
-    if not _FINAL_ANSWER_LINE.search(row["answer"]):
-        return "gsm8k 'answer' must end with a line '#### <number>'"
-    return None
-
-
 class Gsm8k:
     """The `gsm8k` objective: greedy answers to GSM8K questions, scored as lm-eval scores them.
 
@@ -298,8 +258,8 @@ class Gsm8k:
 
     def score(self, model, tokenizer, data: EvalData) -> Score:
         """Accuracy of the model's greedy answers; the value is the configured metric."""
-        # objectives.base imports runners.data, which imports this module (for GSM8K rows).
-        from objectives.base import Score
+        # core.eval imports runners.data, which imports this module (for GSM8K rows).
+        from core.eval import Score
 
         self.validate()
         prompts = self._prompts(tokenizer, data.chat_template)[: data.limit]

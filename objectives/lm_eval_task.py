@@ -8,10 +8,10 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from objectives.base import EvalData, Score
+from core.config import ObjectiveConfig
+from core.errors import InputError
+from core.eval import EvalData, Score
 from objectives.generation import CPU_BATCH_SIZE
-from sweeps.config import ObjectiveConfig
-from sweeps.errors import InputError
 
 
 def metric_key(metric: str) -> str:

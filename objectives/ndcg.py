@@ -19,16 +19,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from objectives.base import EvalData, Score
+from core.config import ObjectiveConfig
+from core.errors import InputError
+from core.eval import EvalData, Score
+from core.rows import EvalRow, read_eval_rows
 from objectives.generation import (
-    EvalRow,
     fixed_subset,
     generate_for_objective,
-    read_eval_rows,
     require_backend,
 )
-from sweeps.config import ObjectiveConfig
-from sweeps.errors import InputError
 
 # A token is a lone letter or a lone run of digits: "C" in "C > E" but not the
 # "C" of "Candidates", and "12" but not the "1" of "x1".

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
-from objectives.base import EvalData, Score
+from core.config import ObjectiveConfig
+from core.errors import InputError
+from core.eval import EvalData, Score, prompt_text
 from objectives.generation import fixed_subset, generate_for_objective, require_backend
-from runners.data import prompt_text
-from sweeps.config import ObjectiveConfig
-from sweeps.errors import InputError
 
 # A reply this close to its reference counts as reproducing it.
 EXACT_THRESHOLD = 0.99

@@ -9,25 +9,16 @@ view is derived from that by slicing, in memory and on disk across invocations.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import random
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset, load_from_disk
 
-from objectives.gsm8k import chat_messages, row_problem
-from sweeps.config import DataConfig
-from sweeps.errors import InputError
-
-Message = dict[str, str]
-
-IGNORE_INDEX = -100
+from core.errors import InputError
+from core.eval import IGNORE_INDEX, TokenizedSplit, render_chat
+from core.rows import Example, Message
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -36,172 +27,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
-
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-
-
-@dataclass(frozen=True)
-class Example:
-    """One SFT conversation; the loss covers the assistant turns only."""
-
-    messages: tuple[Message, ...]
-
-
-def _read_rows(path: Path) -> Iterable[tuple[int | None, int, Any]]:
-    """Yield (line, row index, parsed row); line is None for a JSON array file."""
-    if not path.is_file():
-        raise InputError(path, "data file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"invalid JSON: {exc.msg}", line=exc.lineno) from None
-        if not isinstance(rows, list):
-            raise InputError(
-                path, "a .json data file must hold a list of rows (or use .jsonl, one row a line)"
-            )
-        for index, row in enumerate(rows):
-            yield None, index, row
-        return
-    index = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"invalid JSON: {exc.msg}", line=line_no) from None
-        yield line_no, index, row
-        index += 1
-
-
-def _text(row: dict, key: str, fail, required: bool = True) -> str | None:
-    value = row.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value.strip()):
-        fail(f"field {key!r} must be a non-empty string")
-    return value
-
-
-def _alpaca(row: dict, fail) -> list[Message]:
-    missing = [key for key in ("instruction", "output") if key not in row]
-    if missing:
-        fail(f"alpaca row needs 'instruction' and 'output' (optional: input, system); missing {missing}")
-    prompt = _text(row, "instruction", fail)
-    extra = _text(row, "input", fail, required=False)
-    if extra:
-        prompt = f"{prompt}\n\n{extra}"
-    messages = [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": _text(row, "output", fail)},
-    ]
-    system = _text(row, "system", fail, required=False)
-    return ([{"role": "system", "content": system}] if system else []) + messages
-
-
-def _turns(turns: Any, role_key: str, text_key: str, roles: dict[str, str], fail) -> list[Message]:
-    if not isinstance(turns, list) or not turns:
-        fail("needs a non-empty list of turns")
-    messages = []
-    for position, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            fail(f"turn {position} needs {role_key!r} and {text_key!r}")
-        role = roles.get(turn[role_key])
-        if role is None:
-            fail(f"turn {position}: unknown {role_key} {turn[role_key]!r}; allowed: {', '.join(roles)}")
-        if not isinstance(turn[text_key], str):
-            fail(f"turn {position}: {text_key!r} must be a string")
-        messages.append({"role": role, "content": turn[text_key]})
-    return messages
-
-
-def _sharegpt(row: dict, fail) -> list[Message]:
-    if "conversations" not in row:
-        fail("sharegpt row needs 'conversations': [{from: human|gpt|system, value: ...}]")
-    messages = _turns(row["conversations"], "from", "value", _SHAREGPT_ROLES, fail)
-    system = _text(row, "system", fail, required=False)
-    return ([{"role": "system", "content": system}] if system else []) + messages
-
-
-def _messages(row: dict, fail) -> list[Message]:
-    if "messages" not in row:
-        fail("messages row needs 'messages': [{role: system|user|assistant, content: ...}]")
-    roles = {"system": "system", "user": "user", "assistant": "assistant"}
-    return _turns(row["messages"], "role", "content", roles, fail)
-
-
-def _gsm8k(row: dict, fail) -> list[Message]:
-    # The user turn is the one the gsm8k objective's chat format sends, so a model trained on these
-    # rows is scored on the prompt it learned from.
-    problem = row_problem(row)
-    if problem:
-        fail(problem)
-    return [*chat_messages(row["question"], None), {"role": "assistant", "content": row["answer"]}]
-
-
-_CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, "gsm8k": _gsm8k}
-
-
-def read_examples(
-    path: Path, data_format: str, system_prompt: str | None, max_samples: int | None
-) -> list[Example]:
-    """Validate every row of `path` and convert it to an `Example`; the first bad row raises `InputError`."""
-    convert = _CONVERTERS[data_format]
-    examples = []
-    for line, index, row in _read_rows(path):
-
-        def fail(message: str, line=line, index=index):
-            where = None if line is not None else f"row {index}"
-            raise InputError(path, message, where, line)
-
-        if not isinstance(row, dict):
-            fail(f"a {data_format} row must be a JSON object")
-        messages = convert(row, fail)
-        if messages[-1]["role"] != "assistant":
-            fail("the last turn must be the assistant's reply (it is what the model learns)")
-        if system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        examples.append(Example(tuple(messages)))
-        if max_samples is not None and len(examples) >= max_samples:
-            break
-    if not examples:
-        raise InputError(path, "holds no rows")
-    return examples
-
-
-@dataclass(frozen=True)
-class SplitExamples:
-    train: list[Example]
-    eval: list[Example]
-
-
-def load_splits(data: DataConfig) -> SplitExamples:
-    """Train and eval examples: from their own files, or a seeded hold-out of train."""
-    train = read_examples(data.train_file, data.format, data.system_prompt, data.max_samples)
-    if data.eval_file is not None:
-        return SplitExamples(
-            train, read_examples(data.eval_file, data.format, data.system_prompt, data.max_samples)
-        )
-    if len(train) < 2:
-        raise InputError(
-            data.train_file, "needs at least 2 rows to hold out an eval split", "data.eval_split"
-        )
-    order = list(range(len(train)))
-    random.Random(data.seed).shuffle(order)
-    n_eval = max(1, round(len(train) * data.eval_split))
-    held = set(order[:n_eval])
-    return SplitExamples(
-        [ex for i, ex in enumerate(train) if i not in held], [ex for i, ex in enumerate(train) if i in held]
-    )
-
 
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     """The Jinja template to render with: a named one, the config's own, or the tokenizer's."""
@@ -216,12 +41,6 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     return tokenizer.chat_template
 
 
-def _render(tokenizer, template: str, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
 def _segments(tokenizer, template: str, messages: tuple[Message, ...]) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) pieces; assistant replies are trained.
 
@@ -234,11 +53,11 @@ def _segments(tokenizer, template: str, messages: tuple[Message, ...]) -> list[t
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, template, messages[:k], add_generation_prompt=True)
-        full = _render(tokenizer, template, messages[: k + 1], add_generation_prompt=False)
+        prompt = render_chat(tokenizer, template, messages[:k], add_generation_prompt=True)
+        full = render_chat(tokenizer, template, messages[: k + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            prompt = _render(tokenizer, template, messages[:-1], add_generation_prompt=True)
-            full = _render(tokenizer, template, messages, add_generation_prompt=False)
+            prompt = render_chat(tokenizer, template, messages[:-1], add_generation_prompt=True)
+            full = render_chat(tokenizer, template, messages, add_generation_prompt=False)
             return [(prompt, False), (full[len(prompt) :], True)]
         pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
@@ -254,43 +73,6 @@ def tokenize_example(tokenizer, template: str, example: Example) -> dict[str, li
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
     return {"input_ids": input_ids, "labels": labels}
-
-
-def prompt_text(tokenizer, template: str, example: Example) -> str:
-    """The conversation up to the last reply, ready for generation."""
-    return _render(tokenizer, template, example.messages[:-1], add_generation_prompt=True)
-
-
-def pad_right(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Tokenized rows as one right-padded batch: input_ids, attention_mask, and labels when rows have them.
-
-    Padding positions get `pad_id` in input_ids and IGNORE_INDEX in labels, so they never count.
-    """
-    width = max(len(row["input_ids"]) for row in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-    }
-    if "labels" in rows[0]:
-        batch["labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
-        batch["attention_mask"][i, :n] = 1
-        if "labels" in batch:
-            batch["labels"][i, :n] = torch.tensor(row["labels"])
-    return batch
-
-
-@dataclass(frozen=True)
-class TokenizedSplit:
-    """A split ready for the trainer, with what truncation cost."""
-
-    dataset: Dataset
-    rows: int
-    tokens: int
-    truncated_rows: int
-    dropped_rows: int
 
 
 def _fingerprint(*parts: Any) -> str:

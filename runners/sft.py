@@ -19,14 +19,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from objectives.base import EvalData
+from core.config import SweepConfig
+from core.eval import EvalData
+from core.rows import SplitExamples, load_splits
+from core.trial import Timings, TrialParams, TrialResult, TrialStatus
 from objectives.registry import load_objective
-from runners.data import SplitExamples, TokenizedCache, load_splits, resolve_chat_template
+from runners.data import TokenizedCache, resolve_chat_template
 from runners.faults import FaultCallback, disk_full, planned_faults
 from runners.memory import PeakMemory
 from runners.models import ModelCache
-from sweeps.config import SweepConfig
-from sweeps.trial import Timings, TrialParams, TrialResult, TrialStatus
 
 # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
 # old name; older 5.x releases (still common on GPU images) only know the old one.

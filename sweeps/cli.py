@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sweeps.config import SweepConfig, load_config
-from sweeps.errors import InputError
+from core.config import SweepConfig, load_config
+from core.errors import InputError
 from sweeps.preflight import preflight, quiet_libraries, stop_on_signals
 
 app = typer.Typer(help="Find the best fine-tuning recipe for a language model.", no_args_is_help=True)

@@ -83,7 +83,9 @@ def build_tiny_model(out_dir: Path, pretrain_steps: int = 400, seed: int = 0) ->
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from runners.data import CHATML_TEMPLATE, Example, pad_right, tokenize_example
+    from core.eval import pad_right
+    from core.rows import Example
+    from runners.data import CHATML_TEMPLATE, tokenize_example
 
     rows = pretrain_rows(2000, seed)
     corpus = [" ".join(row.values()) for row in rows + sort_rows(200, seed + 1)]

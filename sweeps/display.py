@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sweeps.trial import TrialResult, TrialStatus
+from core.trial import TrialResult, TrialStatus
 
 
 def _fmt(value: Any) -> str:

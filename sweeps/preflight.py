@@ -8,8 +8,8 @@ import signal
 import warnings
 from pathlib import Path
 
-from sweeps.config import SweepConfig
-from sweeps.errors import InputError
+from core.config import SweepConfig
+from core.errors import InputError
 
 
 def quiet_libraries() -> None:

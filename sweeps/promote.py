@@ -35,22 +35,16 @@ from optuna.trial import FrozenTrial, TrialState
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from objectives.base import EvalData
+from core.config import ModelConfig, SweepConfig
+from core.errors import InputError
+from core.eval import EvalData, pad_right
+from core.rows import Example, load_splits
+from core.trial import TrialParams
 from objectives.registry import load_objective
-from runners.data import (
-    Example,
-    TokenizedCache,
-    load_splits,
-    pad_right,
-    resolve_chat_template,
-    tokenize_example,
-)
+from runners.data import TokenizedCache, resolve_chat_template, tokenize_example
 from runners.models import ModelCache, device
-from sweeps.config import ModelConfig, SweepConfig
-from sweeps.errors import InputError
 from sweeps.study import best_trial, load_study
 from sweeps.tracking import resolve_uri
-from sweeps.trial import TrialParams
 
 CHAMPION = "champion"
 PROMOTED_DIR = Path("mlruns") / "promoted"

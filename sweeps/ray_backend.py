@@ -15,7 +15,8 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.config import SweepConfig, load_config
+from core.config import SweepConfig, load_config
+from core.trial import TrialResult, TrialStatus
 from sweeps.space import suggest, trial_params
 from sweeps.study import (
     STORE,
@@ -32,7 +33,6 @@ from sweeps.study import (
     start_sweep,
 )
 from sweeps.tracking import SweepTracker
-from sweeps.trial import TrialResult, TrialStatus
 
 _NUMBER = "_optuna_trial_number"
 _FINISHED = "trial_finished"

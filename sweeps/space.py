@@ -11,9 +11,9 @@ from typing import Any
 
 import optuna
 
-from sweeps.config import BoolParam, CategoricalParam, FloatParam, IntParam, SweepConfig
-from sweeps.errors import InputError
-from sweeps.trial import TrialParams
+from core.config import BoolParam, CategoricalParam, FloatParam, IntParam, SweepConfig
+from core.errors import InputError
+from core.trial import TrialParams
 
 
 def sampling_order(config: SweepConfig) -> list[str]:

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import TrialState
 
+from core.config import SweepConfig
+from core.trial import TrialParams, TrialResult, TrialStatus
 from runners.sft import TrialCallbacks, TrialRunner
-from sweeps.config import SweepConfig
 from sweeps.space import grid, suggest, trial_params
 from sweeps.tracking import SweepTracker
-from sweeps.trial import TrialParams, TrialResult, TrialStatus
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 STORE = Path("mlruns")

@@ -17,8 +17,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from sweeps.config import SweepConfig
-from sweeps.trial import TrialParams, TrialResult, TrialStatus
+from core.config import SweepConfig
+from core.trial import TrialParams, TrialResult, TrialStatus
 
 _MLFLOW_STATUS = {
     TrialStatus.COMPLETE: "FINISHED",

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeps.config import SweepConfig, load_config
+from core.config import SweepConfig, load_config
+from core.trial import TrialResult, TrialStatus
 from sweeps.study import (
     SweepObserver,
     SweepOutcome,
@@ -32,7 +33,6 @@ from sweeps.study import (
     too_many_failures,
 )
 from sweeps.tracking import SweepTracker
-from sweeps.trial import TrialResult, TrialStatus
 
 _POLL_S = 0.2
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.config import FloatParam, load_config, parse_config
-from sweeps.errors import InputError
+from core.config import FloatParam, load_config, parse_config
+from core.errors import InputError
 
 VALID = """\
 name: ok

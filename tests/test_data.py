@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from runners.data import (
-    CHATML_TEMPLATE,
-    IGNORE_INDEX,
-    Example,
-    TokenizedCache,
-    read_examples,
-    tokenize_example,
-)
-from sweeps.errors import InputError
+from core.errors import InputError
+from core.eval import IGNORE_INDEX
+from core.rows import Example, read_examples
+from runners.data import CHATML_TEMPLATE, TokenizedCache, tokenize_example
 
 
 def write(path: Path, rows: list) -> Path:

@@ -9,10 +9,11 @@ import torch
 from accelerate.utils import convert_outputs_to_fp32
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from objectives.base import EvalData
+from core.config import ObjectiveConfig
+from core.eval import IGNORE_INDEX, EvalData
+from core.rows import read_examples
 from objectives.eval_loss import EvalLoss
-from runners.data import CHATML_TEMPLATE, IGNORE_INDEX, TokenizedCache, read_examples
-from sweeps.config import ObjectiveConfig
+from runners.data import CHATML_TEMPLATE, TokenizedCache
 
 
 @pytest.fixture(scope="module")

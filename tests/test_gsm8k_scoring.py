@@ -18,9 +18,9 @@ from lm_eval.filters.extraction import RegexFilter
 from lm_eval.filters.selection import TakeFirstFilter
 from lm_eval.models.utils import postprocess_generated_text
 
+from core.rows import chat_messages
 from objectives.gsm8k import (
     STOP_SEQUENCES,
-    chat_messages,
     exact_match,
     fewshot_prompt,
     flexible_extract,

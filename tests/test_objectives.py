@@ -13,16 +13,17 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from objectives.base import EvalData
+from core.config import ObjectiveConfig, parse_config
+from core.errors import InputError
+from core.eval import EvalData
+from core.rows import Example, read_examples
 from objectives.gsm8k import Gsm8k
 from objectives.lm_eval_task import LmEvalTask
 from objectives.ndcg import Ndcg
 from objectives.rouge import RougeL
-from runners.data import CHATML_TEMPLATE, Example, TokenizedCache, read_examples
+from runners.data import CHATML_TEMPLATE, TokenizedCache
 from sweeps.cli import app
-from sweeps.config import ObjectiveConfig, parse_config
 from sweeps.demo import sort_rows
-from sweeps.errors import InputError
 
 GSM8K_TRAIN = [
     {"question": "Ann has 3 pens and buys 2 more. How many pens?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"},

@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from runners.data import load_splits, tokenize_example
+from core.config import load_config
+from core.rows import load_splits
+from runners.data import tokenize_example
 from runners.models import ModelCache
 from sweeps.cli import app
-from sweeps.config import load_config
 from sweeps.promote import GptqSettings, calibration_samples, gptq_recipe, promote
 from sweeps.study import load_study, open_study
 from tests.conftest import config_text

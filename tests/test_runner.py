@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from core.config import parse_config
+from core.trial import TrialParams, TrialStatus
 from runners.sft import TrialCallbacks, TrialRunner
-from sweeps.config import parse_config
-from sweeps.trial import TrialParams, TrialStatus
 from tests.conftest import DEFAULT_SPACE, DEFAULT_TRAINING, config_text
 
 

@@ -64,12 +64,26 @@ PARAM_NAMES: tuple[str, ...] = tuple(TrialParams.model_fields)
 
 
 class TrialStatus(str, Enum):
-    """How a trial ended; the names match MLflow's run statuses where they overlap."""
+    """How a trial ended, and the one place that says what each end is called in Optuna and MLflow.
+
+    A pruned trial is a normal end of a run in MLflow (FINISHED, tagged `optuna.state=PRUNED`); a
+    killed one (interrupted) is a FAIL in Optuna, which has no state for it, and KILLED in MLflow.
+    """
 
     COMPLETE = "COMPLETE"
     PRUNED = "PRUNED"
     FAILED = "FAILED"
     KILLED = "KILLED"
+
+    @property
+    def optuna_state(self) -> str:
+        """The name of the `optuna.trial.TrialState` this end is told as."""
+        return {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED"}.get(self.value, "FAIL")
+
+    @property
+    def mlflow_status(self) -> str:
+        """The MLflow run status a trial's run is closed with."""
+        return {"FAILED": "FAILED", "KILLED": "KILLED"}.get(self.value, "FINISHED")
 
 
 class Timings(BaseModel):
@@ -98,4 +112,7 @@ class TrialResult(BaseModel):
     train_tokens_per_s: float = 0.0
     truncated_rows: int = 0
     error: str | None = None
-    failure_kind: Literal["oom", "error"] | None = None
+    """One line: what the table and the run's `error` tag show."""
+    traceback: str | None = None
+    """The full traceback of a failed trial, kept as the run's `error.txt` artifact."""
+    failure_kind: Literal["oom", "error", "nonfinite"] | None = None

@@ -23,9 +23,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from objectives.registry import OBJECTIVES
-from sweeps.errors import InputError
-from sweeps.trial import PARAM_NAMES, TrialParams
+from core.errors import InputError
+from core.objectives import OBJECTIVES
+from core.trial import PARAM_NAMES, TrialParams
 
 Scalar = bool | int | float | str | None
 

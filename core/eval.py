@@ -1,0 +1,94 @@
+"""What an objective is handed and what it returns: tokenized eval data, the conversations, a score.
+
+Shared by the runners (which build it) and the objectives (which read it), so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from core.rows import Example
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """A split ready for the trainer, with what truncation cost."""
+
+    dataset: Dataset
+    rows: int
+    tokens: int
+    truncated_rows: int
+    dropped_rows: int
+
+
+def render_chat(tokenizer, template: str, messages, add_generation_prompt: bool) -> str:
+    """`messages` rendered with the Jinja chat `template` (a generation prompt appended when asked)."""
+    return tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+
+def prompt_text(tokenizer, template: str, example: Example) -> str:
+    """The conversation up to the last reply, ready for generation."""
+    return render_chat(tokenizer, template, example.messages[:-1], add_generation_prompt=True)
+
+
+def pad_right(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tokenized rows as one right-padded batch: input_ids, attention_mask, and labels when rows have them.
+
+    Padding positions get `pad_id` in input_ids and IGNORE_INDEX in labels, so they never count.
+    """
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    if "labels" in rows[0]:
+        batch["labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        if "labels" in batch:
+            batch["labels"][i, :n] = torch.tensor(row["labels"])
+    return batch
+
+
+@dataclass(frozen=True)
+class Score:
+    """An objective's verdict: the value the study optimises and any extra metrics worth logging."""
+
+    value: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What an objective may look at: the eval conversations, tokenized and as messages."""
+
+    examples: list[Example]
+    tokenized: TokenizedSplit
+    chat_template: str
+    limit: int | None = None
+    """Score only the first `limit` items of the objective's eval set (intermediate evaluations)."""
+
+    def head(self, n: int) -> EvalData:
+        """The first `n` items: what intermediate (pruning) evaluations score."""
+        rows = min(n, self.tokenized.rows)
+        tokenized = replace(self.tokenized, dataset=self.tokenized.dataset.select(range(rows)), rows=rows)
+        return EvalData(self.examples[:n], tokenized, self.chat_template, limit=n)
+
+
+class Objective(Protocol):
+    """Scores a trained model; knows nothing of how it was trained."""
+
+    def score(self, model, tokenizer, data: EvalData) -> Score: ...

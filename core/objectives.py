@@ -52,7 +52,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         metrics=("flexible_extract", "strict_match"),
         options=_GENERATION
         | _EVAL_ROWS
-        | {"fewshot_file", "fewshot_split", "num_fewshot", "prompt_format", "system_prompt"},
+        | {"fewshot_file", "fewshot_split", "num_fewshot", "fewshot", "prompt_format", "system_prompt"},
         required=frozenset({"eval_file"}),
     ),
     "ndcg": ObjectiveEntry(
@@ -61,7 +61,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "maximize",
         "mean NDCG of the rankings the model writes for candidate lists",
         metrics=("ndcg",),
-        options=_GENERATION | _EVAL_ROWS | {"input_field", "output_field", "system_prompt"},
+        options=_GENERATION | _EVAL_ROWS | {"input_field", "output_field", "parser", "system_prompt"},
         required=frozenset({"eval_file"}),
     ),
     "rouge_l": ObjectiveEntry(

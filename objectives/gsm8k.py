@@ -57,6 +57,9 @@ _REGEXES_TO_IGNORE = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r
 _ANSWER_MARKER = "#### "
 # gsm8k.yaml: num_fewshot.
 DEFAULT_NUM_FEWSHOT = 5
+# lm_eval.simple_evaluate's default fewshot_random_seed; gsm8k.yaml sets no fewshot_config, so the
+# task's default ContextSampler draws every question's shots from one random.Random(1234).
+LM_EVAL_FEWSHOT_SEED = 1234
 # The last line of an official GSM8K answer field: "#### 72".
 
 
@@ -198,11 +201,12 @@ class Gsm8k:
     """The `gsm8k` objective: greedy answers to GSM8K questions, scored as lm-eval scores them.
 
     Prompts are lm-eval's n-shot text, with `num_fewshot` shots (default 5, as gsm8k.yaml; 0
-    allowed) drawn for each question with `seed` from the shot rows, or, with `prompt_format:
-    chat`, lm-eval's zero-shot chat turn rendered by the sweep's chat template. Generation stops at
-    lm-eval's `until` strings or EOS. Both `strict_match` and `flexible_extract` are reported;
-    `metric` picks the one the study optimises. With `max_samples` every trial answers the same
-    seeded subset of questions.
+    allowed) for each question: with `fewshot: lm_eval` (default) the very shots lm-eval's gsm8k
+    task draws for that question (`lm_eval_shots`), with `fewshot: seeded` shots drawn with `seed`
+    from the shot rows; or, with `prompt_format: chat`, lm-eval's zero-shot chat turn rendered by
+    the sweep's chat template. Generation stops at lm-eval's `until` strings or EOS. Both
+    `strict_match` and `flexible_extract` are reported; `metric` picks the one the study optimises.
+    With `max_samples` every trial answers the same seeded subset of questions.
     """
 
     def __init__(self, config: ObjectiveConfig):
@@ -228,14 +232,23 @@ class Gsm8k:
             return
         require_backend(self.config)
         rows = self._rows(self.config.eval_file, self.config.split)
-        items = [rows[i] for i in fixed_subset(len(rows), self.config.max_samples, self.config.seed)]
+        picked = fixed_subset(len(rows), self.config.max_samples, self.config.seed)
+        items = [rows[i] for i in picked]
         shots: list[list[dict[str, str]]] = [[] for _ in items]
         if self.num_fewshot:
             source = self.config.fewshot_file or self.config.eval_file
             pool = self._rows(source, self.config.fewshot_split)
-            shots = _draw_shots(
-                pool, [item["question"] for item in items], self.num_fewshot, self.config.seed, source
-            )
+            if self.config.fewshot == "lm_eval":
+                # lm-eval keeps a question out of its own shots only when shots and questions come
+                # from the same split; a local file has no splits, so the same file means the same.
+                same_rows = source == self.config.eval_file and (
+                    source.endswith((".json", ".jsonl")) or self.config.fewshot_split == self.config.split
+                )
+                shots = lm_eval_shots(pool, rows, picked, self.num_fewshot, same_rows, source)
+            else:
+                shots = _draw_shots(
+                    pool, [item["question"] for item in items], self.num_fewshot, self.config.seed, source
+                )
         self._references = [reference_answer(item["answer"]) for item in items]
         self._nshot_prompts = [
             fewshot_prompt(item["question"], item_shots)
@@ -305,3 +318,50 @@ def _draw_shots(
             )
         drawn.append(shots)
     return drawn
+
+
+def lm_eval_shots(
+    pool: list[dict[str, str]],
+    docs: list[dict[str, str]],
+    picked: list[int],
+    n: int,
+    same_rows: bool,
+    source: str = "fewshot_file",
+) -> list[list[dict[str, str]]]:
+    """The `n` shots lm-eval 0.4.13's gsm8k task puts before each of `docs[i]`, i in `picked`.
+
+    lm-eval builds the prompts of a task's test docs in file order, and its ContextSampler draws
+    every doc's shots from one `random.Random(LM_EVAL_FEWSHOT_SEED)` in turn (api/samplers.py,
+    api/task.py), so the shots of doc i depend on the draws of docs 0..i-1: those draws are replayed
+    here, whichever docs a `max_samples` subset keeps. Each draw is `rnd.sample(pool, n)`; when the
+    shots come from the docs' own rows (`same_rows`) it is `rnd.sample(pool, n + 1)` without the doc
+    itself, cut to `n`, and resampled from the pool without the doc should that leave fewer than
+    `n`. `random.sample` picks positions from the population's length alone, so drawing from these
+    rows picks what lm-eval picks from the same rows in the same order.
+
+    Raises:
+        InputError: if the pool holds fewer than `n` rows (besides the doc itself with `same_rows`).
+    """
+    needed = n + 1 if same_rows else n
+    if len(pool) < needed:
+        besides = " besides the question itself" if same_rows else ""
+        raise InputError(
+            source,
+            f"has {len(pool)} rows; {n}-shot prompts need at least {n}{besides}",
+            "objective.num_fewshot",
+        )
+    rnd = random.Random(LM_EVAL_FEWSHOT_SEED)
+    wanted = set(picked)
+    drawn: dict[int, list[dict[str, str]]] = {}
+    for index in range(max(picked, default=-1) + 1):
+        doc = docs[index]
+        if same_rows:
+            shots = [shot for shot in rnd.sample(pool, n + 1) if shot != doc][:n]
+            if len(shots) < n:
+                # The pool holds copies of the doc; lm-eval then draws again from the pool without them.
+                shots = rnd.sample([shot for shot in pool if shot != doc], n)
+        else:
+            shots = rnd.sample(pool, n)
+        if index in wanted:
+            drawn[index] = shots
+    return [drawn[index] for index in picked]

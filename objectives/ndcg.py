@@ -1,14 +1,16 @@
 """NDCG scoring of LLM product rankings (Amazon KDD Cup 2024, ShopBench ranking tasks).
 
-The model is shown candidates labelled either A, B, C, ... or 1, 2, 3, ... and
-asked to order them by relevance. `parse_ranking` turns its free-text answer
-into 0-based candidate indices, `ndcg` scores one ranking against graded
-relevances, and `score_rankings` averages over a batch, counting answers that
-could not be parsed as parse failures scored 0.
+Two parsers turn the model's free-text answer into a ranking:
 
-`Ndcg` is the `ndcg` objective built on them: it shows the trained model each
-ranking row's prompt, generates through objectives.generation and scores the
-rankings it writes.
+- `kdd2024` (the objective's default) is the competition's own rule, from its starter kit
+  (`parsers.py` and `metrics.py`): `parse_kdd2024` and `kdd2024_ndcg` reproduce it answer for
+  answer, quirks included, so a sweep picks the model the leaderboard would pick.
+- `lenient` is this project's tolerant parser, `parse_ranking`: letters or numbers, any text
+  around them, repeats dropped; `ndcg` scores its 0-based ranking.
+
+`score_rankings` averages over a batch with either parser, counting answers a rule rejected.
+`Ndcg` is the `ndcg` objective built on them: it shows the trained model each ranking row's prompt,
+generates through objectives.generation and scores the rankings it writes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from core.config import ObjectiveConfig
 from core.errors import InputError
@@ -48,13 +51,15 @@ _ENUMERATION_MARKER = re.compile(r"^[ \t]*[0-9]+[.)][ \t]+(?=\S)", re.MULTILINE)
 class RankingScore:
     """Mean NDCG over a batch of ranking answers.
 
-    `ndcg` averages `per_item`, in which an unparseable answer scores 0.0;
-    `parse_failures` counts those answers.
+    `ndcg` averages `per_item`, in which a rejected answer scores 0.0. `parse_failures` counts the
+    answers in which the parser found no candidate, `repeats` those the kdd2024 parser emptied
+    because they named a candidate twice (always 0 with the lenient parser, which drops repeats).
     """
 
     ndcg: float
     parse_failures: int
     per_item: tuple[float, ...]
+    repeats: int = 0
 
 
 def _letter_index(token: str) -> int:
@@ -150,35 +155,168 @@ def ndcg(ranking: list[int], relevances: list[float], k: int | None = None) -> f
     return _dcg([relevances[index] for index in ranking[:k]]) / ideal
 
 
-def score_rankings(outputs: list[str], relevances: list[list[float]]) -> RankingScore:
+# The official rule of KDD Cup 2024 (starter kit parsers.py `_parse_ranking`, metrics.py `ndcg`).
+Parser = Literal["kdd2024", "lenient"]
+
+
+@dataclass(frozen=True)
+class Kdd2024Answer:
+    """What the KDD Cup 2024 parser makes of one answer.
+
+    `ranking` holds the kept 1-based candidate numbers, best first; it is empty when the answer was
+    rejected, and `rejected` says by which rule: "parse_failure" (no number kept) or "repeats".
+    """
+
+    ranking: tuple[int, ...]
+    rejected: Literal["parse_failure", "repeats"] | None = None
+
+
+def parse_kdd2024(text: str, n_candidates: int = 5) -> Kdd2024Answer:
+    """Parse an answer exactly as the KDD Cup 2024 scorer does, with `n_candidates` for its 5.
+
+    1. Keep only the characters that are numeric (`str.isnumeric`), commas and spaces.
+    2. Split on commas; each piece that `int()` accepts (surrounding spaces allowed, none inside) and
+       that is <= `n_candidates` is kept, in order; other pieces are skipped. So "1 2 3" is one
+       piece that is not an integer, and "Top 5: 2, 1" keeps only 1 ("5 2" is not an integer).
+    3. Keep the first `n_candidates` kept numbers; if any of them repeats, the answer is empty.
+
+    0 passes the `<= n` test and is kept (see `kdd2024_ndcg` for what it scores).
+
+    Raises:
+        ValueError: if `n_candidates` is less than 1.
+    """
+    if n_candidates < 1:
+        raise ValueError(f"n_candidates must be at least 1, got {n_candidates}")
+    cleaned = "".join(c for c in text if c.isnumeric() or c in ", ")
+    kept: list[int] = []
+    for piece in cleaned.split(","):
+        try:
+            number = int(piece)
+        except ValueError:
+            continue  # the official parser skips what does not parse
+        if number <= n_candidates:
+            kept.append(number)
+    kept = kept[:n_candidates]
+    if not kept:
+        return Kdd2024Answer((), "parse_failure")
+    if len(set(kept)) != len(kept):
+        return Kdd2024Answer((), "repeats")
+    return Kdd2024Answer(tuple(kept))
+
+
+def kdd2024_ndcg(ranking: Sequence[int], relevances: Sequence[float]) -> float:
+    """NDCG of 1-based candidate numbers exactly as the KDD Cup 2024 scorer computes it.
+
+    Positions beyond the relevance list are trimmed; the candidate numbered k has relevance
+    `relevances[k - 1]`, or 0 when k is past the list. Gain is 2**rel - 1, the discount of
+    position i (1-based) log2(i + 1), and IDCG that of the relevances sorted descending. An empty
+    ranking, or relevances whose IDCG is 0, score 0.0 (the official code would divide by zero).
+    """
+    ranking = list(ranking)[: len(relevances)]
+    if not ranking:
+        return 0.0
+    ideal = _dcg(sorted(relevances, reverse=True))
+    if ideal == 0.0:
+        return 0.0
+    gains = []
+    for number in ranking:
+        # The official code reads weight[number - 1] whenever number - 1 < len(weight). For 0,
+        # which its parser keeps (0 <= 5), that is weight[-1]: the *last* candidate's relevance.
+        # Reproduced on purpose, so that "0" scores here what it scores on the leaderboard.
+        gains.append(relevances[number - 1] if number - 1 < len(relevances) else 0.0)
+    return _dcg(gains) / ideal
+
+
+def score_rankings(
+    outputs: list[str],
+    relevances: list[list[float]],
+    parser: Parser = "lenient",
+    n_candidates: list[int] | None = None,
+) -> RankingScore:
     """Parse and score a batch of ranking answers.
 
-    `outputs[j]` is the model's answer for item j and `relevances[j]` the
-    relevance of each of its candidates; the number of candidates is
-    `len(relevances[j])`. Unparseable answers score 0.0 and are counted in
-    `parse_failures`.
+    `outputs[j]` is the model's answer for item j and `relevances[j]` the relevance of each of its
+    candidates, in listed order. `n_candidates[j]` is the number of candidates item j lists (the
+    kdd2024 parser keeps numbers up to it); None means `len(relevances[j])`, which is also what the
+    lenient parser always uses. Rejected answers score 0.0 and are counted in `parse_failures` or
+    `repeats`.
 
     Raises:
         ValueError: if the lists differ in length or are empty.
     """
     if len(outputs) != len(relevances):
         raise ValueError(f"{len(outputs)} outputs but {len(relevances)} relevance lists")
+    if n_candidates is not None and len(n_candidates) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs but {len(n_candidates)} candidate counts")
     if not outputs:
         raise ValueError("cannot score an empty batch")
+    counts = n_candidates or [len(item) for item in relevances]
     per_item: list[float] = []
-    parse_failures = 0
-    for output, item_relevances in zip(outputs, relevances, strict=True):
+    rejected = {"parse_failure": 0, "repeats": 0}
+    for output, item_relevances, count in zip(outputs, relevances, counts, strict=True):
+        if parser == "kdd2024":
+            answer = parse_kdd2024(output, count)
+            if answer.rejected:
+                rejected[answer.rejected] += 1
+            per_item.append(kdd2024_ndcg(answer.ranking, item_relevances))
+            continue
         ranking = parse_ranking(output, len(item_relevances))
         if ranking is None:
-            parse_failures += 1
+            rejected["parse_failure"] += 1
             per_item.append(0.0)
         else:
             per_item.append(ndcg(ranking, item_relevances))
     return RankingScore(
         ndcg=sum(per_item) / len(per_item),
-        parse_failures=parse_failures,
+        parse_failures=rejected["parse_failure"],
         per_item=tuple(per_item),
+        repeats=rejected["repeats"],
     )
+
+
+# One line of a list of candidates: "1. ", "2) ", "(3) ", "[4] ", "5: ", or the same with a letter.
+_CANDIDATE_LINE = re.compile(r"^[ \t]*[(\[]?(?P<label>[0-9]+|[A-Za-z])[.):\]][ \t]+\S", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ListedCandidates:
+    """The candidate list found in a ranking prompt: how many, and whether labelled by number or letter."""
+
+    count: int
+    kind: Literal["number", "letter"]
+
+
+def listed_candidates(prompt: str) -> ListedCandidates | None:
+    """The candidates a prompt lists, one a line: the longest run of lines labelled 1, 2, 3, ... or A, B, C, ...
+
+    A candidate line starts with its label followed by ".", ")", ":" or "]" (optionally opened by
+    "(" or "["), then a space and text: "1. Aveda Shampoo", "(B) blue hat". Labels must count up
+    from 1 (or A) one line after another, other lines between them allowed; a later run that
+    starts again at 1 replaces a shorter earlier one, so numbered instructions before the product
+    list do not count. A run needs at least two lines. Returns None when the prompt lists no
+    candidates this way (e.g. "A: tea, B: mug" on one line), in which case the relevance list
+    alone says how many candidates there are.
+    """
+    best: ListedCandidates | None = None
+    kind: Literal["number", "letter"] | None = None
+    run = 0
+    for match in _CANDIDATE_LINE.finditer(prompt):
+        label = match.group("label")
+        if label.isdigit():
+            label_kind: Literal["number", "letter"] = "number"
+            position = int(label)
+        else:
+            label_kind = "letter"
+            position = ord(label.upper()) - ord("A") + 1
+        if position == 1:
+            kind, run = label_kind, 1
+        elif label_kind == kind and position == run + 1:
+            run += 1
+        else:
+            continue
+        if run >= 2 and (best is None or run > best.count):
+            best = ListedCandidates(run, label_kind)
+    return best
 
 
 class Ndcg:
@@ -187,14 +325,17 @@ class Ndcg:
     Each row holds the prompt listing the candidates under `input_field` and the candidates'
     relevance weights, in listed order, under `output_field` (a list, or a string holding a JSON
     list); rows whose `task_type` is set to anything but "ranking" are skipped. The prompt is sent
-    as the user turn of the sweep's chat template, after `system_prompt` if one is set. Reports
-    `ndcg` (optimised) and `parse_failures`.
+    as the user turn of the sweep's chat template, after `system_prompt` if one is set. `parser`
+    picks the KDD Cup 2024 rule (default) or the lenient one. Reports `ndcg` (optimised) and the
+    shares of answers rejected for want of a candidate (`parse_failures`) or for a repeat
+    (`repeats`).
     """
 
     def __init__(self, config: ObjectiveConfig):
         self.config = config
         self._prompts: list[str] | None = None
         self._relevances: list[list[float]] = []
+        self._n_candidates: list[int] = []
 
     def validate(self) -> None:
         """Read and check the eval rows once; a bad row raises `InputError` (file:line)."""
@@ -207,7 +348,9 @@ class Ndcg:
                 raise row.error("a ranking row must be a JSON object")
             if row.data.get("task_type", "ranking") != "ranking":
                 continue
-            items.append((self._prompt(row), self._row_relevances(row)))
+            prompt = self._prompt(row)
+            relevances = self._row_relevances(row)
+            items.append((prompt, relevances, self._candidate_count(row, prompt, relevances)))
         if not items:
             raise InputError(
                 self.config.eval_file,
@@ -215,8 +358,9 @@ class Ndcg:
                 "and, if set, task_type 'ranking')",
             )
         picked = [items[i] for i in fixed_subset(len(items), self.config.max_samples, self.config.seed)]
-        self._relevances = [relevances for _, relevances in picked]
-        self._prompts = [prompt for prompt, _ in picked]
+        self._relevances = [relevances for _, relevances, _ in picked]
+        self._n_candidates = [count for _, _, count in picked]
+        self._prompts = [prompt for prompt, _, _ in picked]
 
     def _prompt(self, row: EvalRow) -> str:
         prompt = row.data.get(self.config.input_field)
@@ -246,8 +390,28 @@ class Ndcg:
             )
         return [float(x) for x in value]
 
+    def _candidate_count(self, row: EvalRow, prompt: str, relevances: list[float]) -> int:
+        """How many candidates the row ranks: those its prompt lists one a line, else its relevances."""
+        listed = listed_candidates(prompt)
+        if listed is None:
+            return len(relevances)
+        labels = "1." if listed.kind == "number" else "A."
+        last = str(listed.count) if listed.kind == "number" else chr(ord("A") + listed.count - 1)
+        if len(relevances) < listed.count:
+            raise row.error(
+                f"field {self.config.output_field!r} has {len(relevances)} relevances but field "
+                f"{self.config.input_field!r} lists {listed.count} candidates ({labels} to {last}.); "
+                "give one relevance per candidate, in listed order"
+            )
+        if listed.kind == "letter" and self.config.parser == "kdd2024":
+            raise row.error(
+                f"field {self.config.input_field!r} labels its candidates A to {last}, but parser kdd2024 "
+                "(the KDD Cup scorer) reads only numbers; number them or set objective.parser: lenient"
+            )
+        return listed.count
+
     def score(self, model, tokenizer, data: EvalData) -> Score:
-        """Mean NDCG of the greedy rankings; unparseable answers score 0 and count as parse failures."""
+        """Mean NDCG of the greedy rankings; rejected answers score 0 and are counted by rule."""
         self.validate()
         system = (
             [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
@@ -262,10 +426,16 @@ class Ndcg:
             for prompt in self._prompts[: data.limit]
         ]
         outputs = generate_for_objective(self.config, model, tokenizer, prompts, ())
-        result = score_rankings(outputs, self._relevances[: data.limit])
+        result = score_rankings(
+            outputs,
+            self._relevances[: data.limit],
+            self.config.parser,
+            self._n_candidates[: data.limit],
+        )
         metrics = {
             "ndcg": result.ndcg,
-            "parse_failures": float(result.parse_failures),
+            "parse_failures": result.parse_failures / len(prompts),
+            "repeats": result.repeats / len(prompts),
             "eval_items": float(len(prompts)),
         }
         return Score(metrics[self.config.target_metric], metrics)

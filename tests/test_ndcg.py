@@ -1,8 +1,17 @@
-"""Tests for objectives.ndcg: ranking parsing and NDCG with 2**rel - 1 gains."""
+"""Tests for objectives.ndcg: the lenient parser, the KDD Cup 2024 parser and scorer rule by rule
+(hand-computed values), and counting the candidates a prompt lists."""
 
 import pytest
 
-from objectives.ndcg import ndcg, parse_ranking, score_rankings
+from objectives.ndcg import (
+    Kdd2024Answer,
+    kdd2024_ndcg,
+    listed_candidates,
+    ndcg,
+    parse_kdd2024,
+    parse_ranking,
+    score_rankings,
+)
 
 # Candidates A..F (indices 0..5). Gains 2**rel - 1 = [7, 3, 7, 0, 1, 3].
 RELEVANCES = [3.0, 2.0, 3.0, 0.0, 1.0, 2.0]
@@ -160,3 +169,164 @@ def test_score_rankings_rejects_mismatched_lengths() -> None:
 def test_score_rankings_rejects_empty_batch() -> None:
     with pytest.raises(ValueError, match="empty"):
         score_rankings([], [])
+
+
+# --- parser kdd2024: the competition's rule -------------------------------------------------------
+# Five candidates numbered 1..5 with relevances [3, 2, 0, 1, 0]: gains 2**rel - 1 = [7, 3, 0, 1, 0].
+# Discounts 1 / log2(i + 1) for positions 1..5: 1, 0.630930, 0.5, 0.430677, 0.386853.
+# IDCG (gains sorted: 7, 3, 1, 0, 0) = 7 + 3*0.630930 + 1*0.5 = 9.392789.
+KDD_RELEVANCES = [3.0, 2.0, 0.0, 1.0, 0.0]
+# One of the KDD Cup 2024 development rows (task12) of the issue: relevances in listed order.
+KDD_ROW_RELEVANCES = [1.0, 0.01, 0.1, 1.0, 0.0]
+
+
+def kdd_score(answer: str, relevances: list[float] = KDD_RELEVANCES) -> float:
+    return kdd2024_ndcg(parse_kdd2024(answer, 5).ranking, relevances)
+
+
+def test_kdd2024_comma_separated_numbers_score_in_listed_order() -> None:
+    # 1,2,3,4,5: gains 7, 3, 0, 1, 0 -> DCG = 7 + 1.892789 + 0 + 0.430677 = 9.323466; / 9.392789
+    assert parse_kdd2024("1,2,3,4,5") == Kdd2024Answer((1, 2, 3, 4, 5))
+    assert kdd_score("1,2,3,4,5") == pytest.approx(0.992620, abs=1e-6)
+
+
+def test_kdd2024_numbers_separated_by_spaces_only_are_one_unparseable_piece() -> None:
+    # "1 2 3 4 5" has no comma: one piece, which int() rejects, so nothing is kept.
+    assert parse_kdd2024("1 2 3 4 5") == Kdd2024Answer((), "parse_failure")
+    assert kdd_score("1 2 3 4 5") == 0.0
+
+
+def test_kdd2024_a_repeated_number_empties_the_answer() -> None:
+    assert parse_kdd2024("1,1,2,3,4") == Kdd2024Answer((), "repeats")
+    assert kdd_score("1,1,2,3,4") == 0.0
+
+
+def test_kdd2024_issue_examples_score_zero_where_lenient_scores_088() -> None:
+    # The issue's row: lenient reads "1 2 3 4 5" as 1..5 (and "1,1,2,3,4" as 1, 2, 3, 4, the repeat
+    # dropped); the official rule rejects both.
+    # Lenient "1 2 3 4 5": gains 1, 0.006956, 0.071773, 1, 0 -> DCG 1.470952; IDCG 1.669812.
+    lenient = score_rankings(["1 2 3 4 5"], [KDD_ROW_RELEVANCES], parser="lenient")
+    assert lenient.ndcg == pytest.approx(0.880909, abs=1e-6)
+    official = score_rankings(["1 2 3 4 5", "1,1,2,3,4"], [KDD_ROW_RELEVANCES] * 2, parser="kdd2024")
+    assert official.per_item == (0.0, 0.0)
+
+
+def test_kdd2024_numbers_above_the_candidate_count_are_skipped() -> None:
+    # 6 is dropped, leaving 2, 1: gains 3, 7 -> DCG = 3 + 7*0.630930 = 7.416508; / 9.392789
+    assert parse_kdd2024("6,2,1") == Kdd2024Answer((2, 1))
+    assert kdd_score("6,2,1") == pytest.approx(0.789596, abs=1e-6)
+
+
+def test_kdd2024_candidate_count_comes_from_the_row() -> None:
+    # With 6 candidates, 6 is kept.
+    assert parse_kdd2024("6,2,1", n_candidates=6) == Kdd2024Answer((6, 2, 1))
+
+
+def test_kdd2024_words_around_the_numbers_are_removed() -> None:
+    # Letters go, spaces stay: "I rank 2 first, then 1" -> "  2 ,  1" -> pieces "  2 ", "  1".
+    assert parse_kdd2024("I rank 2 first, then 1") == Kdd2024Answer((2, 1))
+    assert kdd_score("Ranking: [2, 1].") == pytest.approx(0.789596, abs=1e-6)
+
+
+def test_kdd2024_a_number_in_the_surrounding_text_joins_the_first_piece() -> None:
+    # "Top 5: 2, 1" -> " 5 2, 1": the piece " 5 2" is not an integer, so only 1 is kept.
+    assert parse_kdd2024("Top 5: 2, 1") == Kdd2024Answer((1,))
+
+
+def test_kdd2024_letters_are_no_answer() -> None:
+    assert parse_kdd2024("C, A, B") == Kdd2024Answer((), "parse_failure")
+
+
+def test_kdd2024_empty_answer_scores_zero() -> None:
+    assert parse_kdd2024("") == Kdd2024Answer((), "parse_failure")
+    assert kdd2024_ndcg((), KDD_RELEVANCES) == 0.0
+
+
+def test_kdd2024_short_answer_scores_only_its_positions() -> None:
+    # Just 1: DCG = 7; 7 / 9.392789
+    assert kdd_score("1") == pytest.approx(0.745253, abs=1e-6)
+
+
+def test_kdd2024_only_the_first_five_kept_numbers_count() -> None:
+    # 2,1,4,3,5 are kept; the sixth number (a repeat of 1) is past the cut, so no repeat.
+    # Gains 3, 7, 1, 0, 0 -> DCG = 3 + 4.416508 + 0.5 = 7.916508; / 9.392789
+    assert parse_kdd2024("2,1,4,3,5,1") == Kdd2024Answer((2, 1, 4, 3, 5))
+    assert kdd_score("2,1,4,3,5,1") == pytest.approx(0.842828, abs=1e-6)
+
+
+def test_kdd2024_positions_beyond_the_relevance_list_are_trimmed() -> None:
+    # Relevances [1, 0]: 2, 3, 1 is cut to 2, 3 (gains 0 and 0: 3 is past the list); untrimmed,
+    # candidate 1 at position 3 would add 1 * 0.5.
+    assert kdd2024_ndcg((2, 3, 1), [1.0, 0.0]) == 0.0
+
+
+def test_kdd2024_a_number_past_the_relevance_list_has_gain_zero() -> None:
+    # Relevances [0, 1]: 3 has no relevance (gain 0) at position 1, 2 has gain 1 at position 2.
+    # DCG = 0.630930; IDCG = 1.
+    assert kdd2024_ndcg((3, 2), [0.0, 1.0]) == pytest.approx(0.630930, abs=1e-6)
+
+
+def test_kdd2024_zero_reads_the_last_candidate_as_the_official_code_does() -> None:
+    # Relevances [3, 2, 0, 1, 2]: gains [7, 3, 0, 1, 3]; IDCG = 7 + 3*0.630930 + 3*0.5 + 1*0.430677
+    # = 10.823466. "0" scores the last candidate's gain 3: 3 / 10.823466.
+    relevances = [3.0, 2.0, 0.0, 1.0, 2.0]
+    assert parse_kdd2024("0") == Kdd2024Answer((0,))
+    assert kdd_score("0", relevances) == pytest.approx(0.277176, abs=1e-6)
+    # 5 and 0 are different numbers for the repeat rule, so the last candidate counts twice:
+    # (3 + 3*0.630930) / 10.823466.
+    assert kdd_score("5,0", relevances) == pytest.approx(0.452054, abs=1e-6)
+
+
+def test_kdd2024_all_zero_relevances_score_zero() -> None:
+    assert kdd_score("1,2,3,4,5", [0.0] * 5) == 0.0
+
+
+def test_kdd2024_rejects_zero_candidates() -> None:
+    with pytest.raises(ValueError, match="n_candidates"):
+        parse_kdd2024("1", 0)
+
+
+def test_score_rankings_kdd2024_counts_each_rule_rejection() -> None:
+    score = score_rankings(
+        ["1,2,3,4,5", "1 2 3 4 5", "1,1,2", "no idea"], [KDD_RELEVANCES] * 4, parser="kdd2024"
+    )
+    assert score.parse_failures == 2
+    assert score.repeats == 1
+    assert score.per_item == pytest.approx((0.992620, 0.0, 0.0, 0.0), abs=1e-6)
+
+
+def test_score_rankings_kdd2024_takes_each_items_candidate_count() -> None:
+    # Item 1 lists 6 candidates, so its "6" is kept (gain of relevance 1 = 1, IDCG 1): NDCG 1.
+    score = score_rankings(["6"], [[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], parser="kdd2024", n_candidates=[6])
+    assert score.per_item == (1.0,)
+    skipped = score_rankings(["6"], [[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], parser="kdd2024", n_candidates=[5])
+    assert skipped.parse_failures == 1
+
+
+# --- candidates listed in a prompt ------------------------------------------------------------------
+KDD_PROMPT = (
+    "A user has made a query with keyword 'blue shampoo aveda'. Given the following numbered list of 5 "
+    "products, please rank the products according their relevance with the query. \nProduct List: \n"
+    "1. Organic Blue Mallow Flowers\n2. Aveda Clove Shampoo, 33.8 Oz\n3. 2 New Aveda Bottle Pumps\n"
+    "4. Joico Color Balance Blue Shampoo\n5. AVEDA by Aveda: Blue Malva Color Shampoo 33.8 OZ\n"
+    "You should output a permutation of 1 to 5. There should be a comma separating two numbers.\nOutput: "
+)
+
+
+def test_listed_candidates_counts_the_numbered_product_lines_of_a_kdd_prompt() -> None:
+    listed = listed_candidates(KDD_PROMPT)
+    assert (listed.count, listed.kind) == (5, "number")
+
+
+def test_listed_candidates_counts_lettered_lines() -> None:
+    listed = listed_candidates("Rank for 'tea':\n(A) green tea\n(B) mug\n(C) kettle")
+    assert (listed.count, listed.kind) == (3, "letter")
+
+
+def test_listed_candidates_prefers_the_longest_run_over_numbered_instructions() -> None:
+    prompt = "Steps:\n1. read\n2. rank\nProducts:\n1) a\n2) b\n3) c\n4) d"
+    assert listed_candidates(prompt).count == 4
+
+
+def test_listed_candidates_is_none_for_candidates_on_one_line() -> None:
+    assert listed_candidates("Rank A: tea, B: coffee, C: mug for 'tea'.") is None

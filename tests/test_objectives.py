@@ -17,7 +17,7 @@ from core.config import ObjectiveConfig, parse_config
 from core.errors import InputError
 from core.eval import EvalData
 from core.rows import Example, read_examples
-from objectives.gsm8k import Gsm8k
+from objectives.gsm8k import Gsm8k, fewshot_prompt
 from objectives.lm_eval_task import LmEvalTask
 from objectives.ndcg import Ndcg
 from objectives.rouge import RougeL
@@ -212,6 +212,38 @@ def test_gsm8k_max_samples_scores_the_same_seeded_subset(loaded, eval_data, file
     assert set(first) <= {f"Question: {row['question']}\nAnswer:" for row in GSM8K_TEST}
 
 
+def test_gsm8k_shots_default_to_lm_evals_own_draw(loaded, eval_data, files, monkeypatch):
+    from lm_eval.api.samplers import ContextSampler
+
+    # lm-eval's gsm8k task: one ContextSampler over the train split, seeded 1234 by simple_evaluate,
+    # drawing each test question's shots in turn.
+    sampler = ContextSampler(GSM8K_TRAIN, rnd=1234)
+    expected = [fewshot_prompt(row["question"], list(sampler.sample(2))) for row in GSM8K_TEST]
+    config = objective(
+        name="gsm8k",
+        eval_file=str(files["gsm8k_test"]),
+        fewshot_file=str(files["gsm8k_train"]),
+        num_fewshot=2,
+    )
+    assert prompts_sent(Gsm8k, config, loaded, eval_data, monkeypatch) == expected
+
+
+def test_gsm8k_seeded_shots_follow_the_objective_seed(loaded, eval_data, files, monkeypatch):
+    def prompts(fewshot: str, seed: int) -> list[str]:
+        config = objective(
+            name="gsm8k",
+            eval_file=str(files["gsm8k_test"]),
+            fewshot_file=str(files["gsm8k_train"]),
+            num_fewshot=2,
+            fewshot=fewshot,
+            seed=seed,
+        )
+        return prompts_sent(Gsm8k, config, loaded, eval_data, monkeypatch)
+
+    assert prompts("seeded", 0) != prompts("seeded", 1)
+    assert prompts("lm_eval", 0) == prompts("lm_eval", 1)
+
+
 def test_gsm8k_malformed_eval_row_names_file_and_line(tmp_path):
     bad = write_jsonl(tmp_path / "test.jsonl", [GSM8K_TEST[0], {"question": "q", "answer": "no final line"}])
     with pytest.raises(InputError) as caught:
@@ -242,17 +274,63 @@ def test_ndcg_scores_ranking_rows_and_skips_other_tasks(loaded, eval_data, files
     score = Ndcg(objective(name="ndcg", eval_file=str(files["ranking"]))).score(*loaded, eval_data)
     assert score.metrics["eval_items"] == 3
     assert 0.0 <= score.value == score.metrics["ndcg"] <= 1.0
-    assert score.metrics["parse_failures"] in {0.0, 1.0, 2.0, 3.0}
+    assert score.metrics["parse_failures"] in {0.0, 1 / 3, 2 / 3, 1.0}
+    assert score.metrics["repeats"] in {0.0, 1 / 3, 2 / 3, 1.0}
 
 
-def test_ndcg_relevances_follow_the_listed_order(loaded, eval_data, files, monkeypatch):
+def test_ndcg_lenient_relevances_follow_the_listed_order(loaded, eval_data, files, monkeypatch):
     monkeypatch.setattr(
         "objectives.ndcg.generate_for_objective",
         lambda config, model, tokenizer, prompts, stop: ["A, C, B", "1, 2", "I cannot tell"],
     )
-    score = Ndcg(objective(name="ndcg", eval_file=str(files["ranking"]))).score(*loaded, eval_data)
-    assert score.metrics["parse_failures"] == 1.0
+    config = objective(name="ndcg", eval_file=str(files["ranking"]), parser="lenient")
+    score = Ndcg(config).score(*loaded, eval_data)
+    assert score.metrics["parse_failures"] == pytest.approx(1 / 3)
     assert score.value == pytest.approx(2 / 3)
+
+
+def kdd_row(relevances: list[float], n_listed: int = 5) -> dict:
+    """A ranking row in the KDD Cup 2024 form: products numbered one a line, one relevance each."""
+    products = "".join(f"{i}. product {i}\n" for i in range(1, n_listed + 1))
+    return {
+        "input_field": f"Rank the products for 'tea'. \nProduct List: \n{products}Output: ",
+        "output_field": relevances,
+        "task_name": "task12",
+        "task_type": "ranking",
+        "metric": "ndcg",
+    }
+
+
+def test_ndcg_scores_with_the_kdd2024_parser_by_default(loaded, eval_data, tmp_path, monkeypatch):
+    # Relevances [3, 2, 0, 1, 0]: "1,2,3,4,5" scores 0.992620 (tests/test_ndcg.py); the space-separated
+    # answer is a parse failure and the repeated one is emptied, both scoring 0.
+    path = write_jsonl(tmp_path / "dev.jsonl", [kdd_row([3, 2, 0, 1, 0])] * 4)
+    monkeypatch.setattr(
+        "objectives.ndcg.generate_for_objective",
+        lambda config, model, tokenizer, prompts, stop: ["1,2,3,4,5", "1 2 3 4 5", "1,1,2,3,4", "1,2,3,4,5"],
+    )
+    score = Ndcg(objective(name="ndcg", eval_file=str(path))).score(*loaded, eval_data)
+    assert score.value == pytest.approx(2 * 0.992620 / 4, abs=1e-6)
+    assert score.metrics["parse_failures"] == 0.25
+    assert score.metrics["repeats"] == 0.25
+
+
+def test_ndcg_row_with_fewer_relevances_than_listed_candidates_names_file_and_line(tmp_path):
+    bad = write_jsonl(tmp_path / "dev.jsonl", [kdd_row([1, 0, 0, 0, 0]), kdd_row([1, 0, 0])])
+    with pytest.raises(InputError) as caught:
+        Ndcg(objective(name="ndcg", eval_file=str(bad))).validate()
+    assert str(caught.value) == (
+        f"{bad}:2: field 'output_field' has 3 relevances but field 'input_field' lists 5 candidates "
+        "(1. to 5.); give one relevance per candidate, in listed order"
+    )
+
+
+def test_ndcg_kdd2024_parser_rejects_prompts_that_letter_their_candidates(tmp_path):
+    row = {"input_field": "Rank for 'tea':\nA. green tea\nB. mug\nC. kettle", "output_field": [1, 0, 0]}
+    path = write_jsonl(tmp_path / "dev.jsonl", [row])
+    with pytest.raises(InputError, match=r"dev.jsonl:1: .* labels its candidates A to C, but parser kdd2024"):
+        Ndcg(objective(name="ndcg", eval_file=str(path))).validate()
+    Ndcg(objective(name="ndcg", eval_file=str(path), parser="lenient")).validate()
 
 
 def test_ndcg_bad_relevances_name_file_and_line(tmp_path):
@@ -269,7 +347,9 @@ def test_ndcg_reads_configured_field_names(loaded, eval_data, tmp_path, monkeypa
     monkeypatch.setattr(
         "objectives.ndcg.generate_for_objective", lambda config, model, tokenizer, prompts, stop: ["B, A"]
     )
-    config = objective(name="ndcg", eval_file=str(path), input_field="prompt", output_field="weights")
+    config = objective(
+        name="ndcg", eval_file=str(path), input_field="prompt", output_field="weights", parser="lenient"
+    )
     assert Ndcg(config).score(*loaded, eval_data).value == 1.0
 
 
@@ -359,6 +439,22 @@ def test_an_unknown_metric_lists_the_objective_metrics():
     )
 
 
+def test_parser_applies_only_to_ndcg():
+    assert config_error("name: rouge_l\nparser: lenient").endswith(
+        "objective.parser: does not apply to objective 'rouge_l'; it is read by: ndcg"
+    )
+
+
+def test_an_unknown_parser_lists_the_parsers():
+    assert "'kdd2024' or 'lenient'" in config_error("name: ndcg\neval_file: r.jsonl\nparser: strict")
+
+
+def test_chat_prompts_take_no_fewshot_draw():
+    assert "objective.fewshot: chat prompts are zero-shot" in config_error(
+        "name: gsm8k\neval_file: t.jsonl\nprompt_format: chat\nfewshot: seeded"
+    )
+
+
 def test_chat_prompts_take_no_shots():
     assert "objective.num_fewshot: chat prompts are zero-shot" in config_error(
         "name: gsm8k\neval_file: t.jsonl\nprompt_format: chat\nnum_fewshot: 5"
@@ -423,6 +519,7 @@ LORA_SPACE = "learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
 SHORT_TRAINING = "max_steps: 2\nper_device_batch_size: 8\ncutoff_len: 96"
 
 
+@pytest.mark.slow
 def test_a_sweep_trains_on_gsm8k_rows_and_scores_gsm8k(project, tiny_model, files):
     config = project / "gsm8k.yaml"
     config.write_text(
@@ -447,6 +544,7 @@ training: {{max_steps: 2, per_device_batch_size: 4, cutoff_len: 96}}
     assert "strict_match" in metrics
 
 
+@pytest.mark.slow
 def test_a_sweep_scores_ndcg(write_config, files):
     metrics = run_sweep(
         write_config(
@@ -460,6 +558,7 @@ def test_a_sweep_scores_ndcg(write_config, files):
     assert "parse_failures" in metrics
 
 
+@pytest.mark.slow
 def test_a_sweep_scores_rouge_l(write_config):
     metrics = run_sweep(
         write_config(
@@ -473,6 +572,7 @@ def test_a_sweep_scores_rouge_l(write_config):
     assert metrics["eval_items"] == 4
 
 
+@pytest.mark.slow
 def test_a_sweep_scores_an_lm_eval_task(write_config, files):
     metrics = run_sweep(
         write_config(

@@ -10,7 +10,7 @@ Parts (`--part`, comma-separated, or `all`; they run in this order):
               project's own `TrialRunner`: load time, train tokens/s, peak memory, eval time.
   qlora_mem   QLoRA vs bf16 LoRA peak memory on the 1.5B shape, each on a runner holding only its
               own base: at the per-trial batch, and at batch 4 and 1 with gradient checkpointing.
-  makespan    8 short LoRA trials: `sweeps.study.run_sweep` (one process, model and tokens reused,
+  makespan    8 short LoRA trials: `sweeps.loop.run_sweep` (one process, model and tokens reused,
               Optuna + MLflow on SQLite) vs `naive_trial.py` as a fresh python3 per trial.
   throughput  LoRA on the 0.5B shape at 16 x 1024: plain HF Trainer + peft on padded batches vs the
               runner as it stands vs runner variants (padding-free batches, TRL packing, a varlen
@@ -793,7 +793,10 @@ class Bench:
         estimate = n * per_trial + 20 + n * (per_trial + 18)
         if not self.guard.allow("makespan (project + naive)", estimate):
             return
-        from sweeps.study import load_study, run_sweep
+        from core.store import Store
+        from sweeps.executors.local import InProcess
+        from sweeps.loop import run_sweep
+        from sweeps.study import load_study
 
         root = self.work / "makespan"
         shutil.rmtree(root, ignore_errors=True)
@@ -847,10 +850,17 @@ class Bench:
             started = time.perf_counter()
             observer.t0 = started
             runner = _prepared_runner(config)
-            outcome = run_sweep(config, runner, n_trials=n, observer=observer)
+            store = Store.at()
+            outcome = run_sweep(
+                config,
+                store,
+                lambda parent_id, on_step: InProcess(config, store, runner, on_step),
+                n_trials=n,
+                observer=observer,
+            )
             mk["project_s"] = time.perf_counter() - started
             mk["project_ran"] = len(outcome.ran)
-            study = load_study(config)
+            study = load_study(config, store)
             trials = sorted(study.get_trials(deepcopy=False), key=lambda tr: tr.number)
             param_sets = [
                 {**training, **tr.params, "eval_batch_size": a.eval_batch} for tr in trials if tr.params
@@ -957,15 +967,10 @@ def _pythonpath() -> str:
 
 def _prepared_runner(config):
     """The runner exactly as `sweep run` builds it (preflight), when this checkout has preflight."""
-    try:
-        from sweeps.preflight import preflight
-    except ImportError:
-        from runners.sft import TrialRunner
+    from core.store import Store
+    from sweeps.preflight import preflight
 
-        runner = TrialRunner(config, cache_dir=Path("mlruns") / "cache" / "tokenized")
-        runner.prepare()
-        return runner
-    return preflight(config)
+    return preflight(config, Store.at())
 
 
 def _variant_runner(base_cls, config, cache_dir: Path, overrides: dict):

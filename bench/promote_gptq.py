@@ -123,6 +123,7 @@ def main() -> int:
     import torch
 
     from core.config import load_config
+    from core.store import Store
     from sweeps.promote import gptq_unavailable_reason, promote
 
     reason = gptq_unavailable_reason()
@@ -161,7 +162,7 @@ def main() -> int:
 
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = promote(config, export="gptq")
+    result = promote(config, Store.at(), export="gptq")
     times["promote_s"] = time.perf_counter() - started
 
     record = {

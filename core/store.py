@@ -6,6 +6,9 @@ below it gets its paths from that object, never from a relative `Path("mlruns")`
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +28,17 @@ class Store:
         """The Optuna journal file of a sweep whose config names no storage."""
         return self.root / "optuna" / f"{sweep}.journal"
 
-    def lock(self, name: str) -> Path:
-        """A lock file serialising `name` across this host's processes."""
-        return self.root / "locks" / f"{name}.lock"
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold the host-wide lock `name`: one process at a time, across every `sweep` on this machine."""
+        path = self.root / "locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def trials(self, sweep: str) -> Path:
         """Scratch folders of a sweep's trials (adapters move to MLflow when a trial ends)."""

@@ -18,14 +18,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from core.config import SweepConfig
-from core.trial import TrialParams, TrialResult, TrialStatus
+from core.trial import TrialParams, TrialResult
 
-_MLFLOW_STATUS = {
-    TrialStatus.COMPLETE: "FINISHED",
-    TrialStatus.PRUNED: "FINISHED",
-    TrialStatus.FAILED: "FAILED",
-    TrialStatus.KILLED: "KILLED",
-}
 _BATCH = 200
 
 
@@ -105,18 +99,24 @@ class SweepTracker:
         return self.parent_id
 
     def close_stale_children(
-        self, status: str = "KILLED", state: str = "FAIL", reason: str = "the process running this trial died"
+        self, keep: set[str], reason: str = "the process running this trial died"
     ) -> int:
-        """Close child runs left RUNNING (by a killed earlier invocation, say); returns how many."""
+        """Close child runs left RUNNING by a dead process, as KILLED; returns how many.
+
+        `keep` holds the runs of trials still running in a live process (another `sweep run` of
+        the same sweep), which are left alone.
+        """
         stale = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'",
         )
+        closed = 0
         for run in stale:
-            self.client.set_tag(run.info.run_id, "optuna.state", state)
-            self.client.set_tag(run.info.run_id, "error" if state == "FAIL" else "note", reason)
-            self.client.set_terminated(run.info.run_id, status=status)
-        return len(stale)
+            if run.info.run_id in keep:
+                continue
+            self.kill_trial(run.info.run_id, reason)
+            closed += 1
+        return closed
 
     def start_trial(self, number: int, params: TrialParams, sampled: dict[str, Any]) -> str:
         """Open the child run of trial `number` with every parameter it trains with."""
@@ -148,8 +148,8 @@ class SweepTracker:
         for chunk in _chunks(self._pending.pop(run_id, []), 1000):
             self.client.log_batch(run_id, metrics=chunk)
 
-    def end_trial(self, run_id: str, result: TrialResult, optuna_state: str) -> str | None:
-        """Log the result, attach the adapter, close the run; returns the adapter's artifact URI."""
+    def end_trial(self, run_id: str, result: TrialResult) -> str | None:
+        """Log the result, attach the adapter (or the traceback), close the run; returns the adapter's URI."""
         self.flush(run_id)
         now = int(time.time() * 1000)
         summary: dict[str, float] = {
@@ -165,7 +165,7 @@ class SweepTracker:
             summary["objective"] = result.objective
         if result.peak_memory_mb is not None:
             summary["peak_memory_mb"] = result.peak_memory_mb
-        tags = [RunTag("optuna.state", optuna_state), RunTag("sweep.status", result.status.value)]
+        tags = [RunTag("optuna.state", result.status.optuna_state), RunTag("sweep.status", result.status.value)]
         if result.memory_kind:
             tags.append(RunTag("peak_memory_kind", result.memory_kind))
         if result.error:
@@ -173,13 +173,15 @@ class SweepTracker:
         self.client.log_batch(
             run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], tags=tags
         )
+        if result.traceback:
+            self.client.log_text(run_id, result.traceback, "error.txt")
         adapter_uri = None
         if result.adapter_path and self.config.tracking.log_adapter:
             local = Path(result.adapter_path)
             self.client.log_artifacts(run_id, str(local), local.name)
             adapter_uri = f"{self.client.get_run(run_id).info.artifact_uri}/{local.name}"
             shutil.rmtree(local, ignore_errors=True)
-        self.client.set_terminated(run_id, status=_MLFLOW_STATUS[result.status])
+        self.client.set_terminated(run_id, status=result.status.mlflow_status)
         return adapter_uri
 
     def attach(self, parent_id: str) -> None:

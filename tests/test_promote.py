@@ -22,12 +22,15 @@ from typer.testing import CliRunner
 
 from core.config import load_config
 from core.rows import load_splits
+from core.store import Store
 from runners.data import tokenize_example
 from runners.models import ModelCache
 from sweeps.cli import app
 from sweeps.promote import GptqSettings, calibration_samples, gptq_recipe, promote
 from sweeps.study import load_study, open_study
 from tests.conftest import config_text
+
+pytestmark = pytest.mark.slow  # every test promotes trials of a real sweep (or exports GPTQ)
 
 # The random sampler's seed 0 draws full, then LoRA (the fixture checks); a high fixed learning rate
 # makes the adapter move the logits well past the fp32 merge tolerance, so the check has teeth.
@@ -68,7 +71,7 @@ def project(swept, tmp_path, monkeypatch) -> Path:
 
 
 def study() -> optuna.Study:
-    return load_study(load_config("tiny.yaml"))
+    return load_study(load_config("tiny.yaml"), Store.at())
 
 
 def trial_of(method: str) -> optuna.trial.FrozenTrial:
@@ -214,7 +217,7 @@ def renamed_config(project: Path, name: str) -> str:
 def empty_study(project: Path) -> str:
     """A sweep whose study holds one failed trial and nothing complete."""
     config = renamed_config(project, "empty")
-    target = open_study(load_config(config))
+    target = open_study(load_config(config), Store.at())
     target.tell(target.ask(), state=optuna.trial.TrialState.FAIL)
     return config
 
@@ -318,7 +321,7 @@ def gpu_ready(monkeypatch):
 def test_gptq_export_quantizes_the_merged_folder_and_records_the_delta(project, gpu_ready):
     quantizer = StandInQuantizer()
     settings = GptqSettings(num_samples=8, max_seq_len=32)
-    result = promote(load_config("tiny.yaml"), export="gptq", quantize=quantizer, gptq=settings)
+    result = promote(load_config("tiny.yaml"), Store.at(), export="gptq", quantize=quantizer, gptq=settings)
     parent = project / "mlruns" / "promoted" / "tiny"
     assert sorted(p.name for p in parent.iterdir()) == [f"trial-{result.trial}", f"trial-{result.trial}-gptq"]
     (call,) = quantizer.calls
@@ -343,7 +346,7 @@ def test_gptq_export_quantizes_the_merged_folder_and_records_the_delta(project, 
 
 def test_a_failing_gptq_export_leaves_no_folder_and_no_version(project, gpu_ready):
     with pytest.raises(RuntimeError, match="quantization failed"):
-        promote(load_config("tiny.yaml"), export="gptq", quantize=StandInQuantizer(fail=True))
+        promote(load_config("tiny.yaml"), Store.at(), export="gptq", quantize=StandInQuantizer(fail=True))
     assert list((project / "mlruns" / "promoted" / "tiny").iterdir()) == []
     assert registry().search_model_versions("name = 'tiny'") == []
 

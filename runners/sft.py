@@ -9,17 +9,18 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from core.config import SweepConfig
+from core.errors import is_programming_error
 from core.eval import EvalData
 from core.rows import SplitExamples, load_splits
 from core.trial import Timings, TrialParams, TrialResult, TrialStatus
@@ -27,6 +28,7 @@ from objectives.registry import load_objective
 from runners.data import TokenizedCache, resolve_chat_template
 from runners.faults import FaultCallback, disk_full, planned_faults
 from runners.memory import PeakMemory
+from runners.multilora import lora_config, seeded_peft_model
 from runners.models import ModelCache
 
 # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
@@ -155,15 +157,8 @@ class TrialRunner:
         # QLoRA trials get no prepare_model_for_kbit_training: it upcasts norms and embeddings to
         # fp32, which turns every activation fp32 and cost more memory than bf16 LoRA in
         # bench/RESULTS.md; the adapters train in fp32 either way and the base stays frozen.
-        lora = LoraConfig(
-            r=params.lora_rank,
-            lora_alpha=params.lora_alpha,
-            lora_dropout=params.lora_dropout,
-            use_rslora=params.use_rslora,
-            target_modules=params.target_module_list(),
-            task_type="CAUSAL_LM",
-        )
-        peft_model = get_peft_model(base, lora)
+        # Seeded init, the rule packed trials share: the same trial gets the same adapter init either way.
+        peft_model = seeded_peft_model(base, lora_config(params), params.seed)
 
         def release() -> None:
             peft_model.unload()
@@ -248,17 +243,21 @@ class TrialRunner:
     ) -> TrialResult:
         """Train with `params`, score with the sweep's objective, save the adapter under `output_dir`.
 
-        A trial that raises (out of memory included) comes back FAILED with the error and the peak
-        memory it reached; only an interrupt (KeyboardInterrupt) propagates.
+        A trial that raises (out of memory included) comes back FAILED with the error, its traceback
+        and the peak memory it reached; an interrupt (KeyboardInterrupt) and a bug in this project's
+        own code (`core.errors.is_programming_error`) propagate.
         """
         memory = PeakMemory()
         memory.reset()
         try:
             return self._run(params, output_dir, callbacks or TrialCallbacks(), memory, trial_number)
         except Exception as exc:  # noqa: BLE001  (any trial error is a FAILED trial, not a dead sweep)
+            if is_programming_error(exc):
+                raise
             return TrialResult(
                 status=TrialStatus.FAILED,
                 error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
                 failure_kind="oom" if isinstance(exc, torch.OutOfMemoryError) else "error",
                 peak_memory_mb=memory.peak_mb(),
                 memory_kind=memory.kind,

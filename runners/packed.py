@@ -1,0 +1,461 @@
+"""Packed trials: up to K LoRA / QLoRA trials train together on one shared base, one step for all.
+
+Each pack step runs one forward/backward over every active trial's next micro-batch at once (rows
+concatenated and right-padded to a common length, each row through its trial's adapter slot), so
+the base's matmuls and kernel launches are paid once for the pack. Each trial's loss reaches only
+its own slot, so summing them gives every slot exactly the gradient it would get alone.
+
+A trial keeps everything a plain PEFT + AdamW loop over its own data would have:
+- data order: a `torch.Generator` seeded with its seed draws a permutation of its rows per epoch;
+  micro-batches of `per_device_batch_size` follow it (the last of an epoch may be smaller) and
+  optimizer steps take the next `gradient_accumulation_steps` of them, across epoch ends;
+- loss: mean cross-entropy over the micro-batch's label tokens, divided by the accumulation steps;
+- steps: `max_steps`, else `ceil(num_epochs * ceil(micro-batches / accumulation))` as transformers counts;
+- its own `cutoff_len` view of the data, LR schedule (`get_scheduler`), weight decay and clipping.
+
+Trials end one by one (complete, pruned, failed) and free their slot for the next trial at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+
+import torch
+
+from core.errors import is_programming_error
+from core.eval import IGNORE_INDEX, EvalData, TokenizedSplit, pad_right
+from core.trial import Timings, TrialParams, TrialResult, TrialStatus
+from runners.memory import PeakMemory
+from runners.multilora import LRSchedule, MultiAdamW, MultiLoRA, lora_config
+from runners.sft import TrialCallbacks, TrialRunner
+
+
+class NonFiniteLoss(RuntimeError):
+    """A trial's training loss became NaN or infinite."""
+
+
+def total_steps(params: TrialParams, rows: int) -> int:
+    """Optimizer steps a trial takes: `max_steps`, else its epochs counted as transformers does."""
+    if params.max_steps > 0:
+        return params.max_steps
+    micro_batches = math.ceil(rows / params.per_device_batch_size)
+    accumulation = params.gradient_accumulation_steps
+    per_epoch = max(micro_batches // accumulation + int(micro_batches % accumulation > 0), 1)
+    return math.ceil(params.num_epochs * per_epoch)
+
+
+@dataclass
+class _Trial:
+    """One trial in the pack: its slot, data stream, progress and what it has cost so far."""
+
+    number: int
+    params: TrialParams
+    output_dir: Path
+    callbacks: TrialCallbacks
+    slot: int
+    train: TokenizedSplit
+    total: int
+    schedule: LRSchedule
+    load_s: float
+    generator: torch.Generator = field(init=False)
+    order: list[int] = field(default_factory=list)
+    position: int = 0
+    step: int = 0
+    micro: int = 0
+    accumulated_loss: float = 0.0
+    tokens: int = 0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    pack_size: int = 1
+    last_value: float | None = None
+    pruned_at: int | None = None
+    _mark: tuple | None = None
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def next_rows(self) -> list[int]:
+        """Indices of the next micro-batch; a new epoch draws a new permutation."""
+        if self.position >= len(self.order):
+            self.order = torch.randperm(self.train.rows, generator=self.generator).tolist()
+            self.position = 0
+        rows = self.order[self.position : self.position + self.params.per_device_batch_size]
+        self.position += len(rows)
+        return rows
+
+    def mark(self) -> None:
+        """Remember where the current optimizer step starts, to rewind to after an OOM."""
+        self._mark = (self.order, self.position, self.generator.get_state(), self.tokens)
+
+    def rewind(self) -> None:
+        self.order, self.position, state, self.tokens = self._mark
+        self.generator.set_state(state)
+        self.micro = 0
+        self.accumulated_loss = 0.0
+
+
+class PackedRunner:
+    """K LoRA / QLoRA trials on the `TrialRunner`'s cached base, stepped together.
+
+    Reuses the runner's model cache, tokenized data, objective and config. While the pack holds
+    the base, its target linears are `MultiLoRALinear` layers: the runner must not train on that
+    base until `close()`, which gives the base back bit-identical.
+    """
+
+    def __init__(self, runner: TrialRunner, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"pack capacity must be at least 1, not {capacity}")
+        self.runner = runner
+        self.capacity = capacity
+        runner.prepare()
+        self._tokenizer = runner.models.tokenizer()
+        # TrialRunner keeps the parsed splits and template private; the pack reads the same ones.
+        self._splits = runner._splits
+        self._template = runner._template
+        evaluation = runner.tokenized.get(
+            self._tokenizer, self._template, self._splits.eval, runner.config.objective.max_length
+        )
+        self._eval = EvalData(self._splits.eval, evaluation, self._template)
+        pruner = runner.config.pruner
+        self._eval_every = pruner.eval_every_steps
+        self._eval_head = self._eval.head(pruner.eval_samples) if self._eval_every else None
+        self._memory = PeakMemory()
+        self._memory.reset()
+        self._quantized: bool | None = None
+        self._adapters: MultiLoRA | None = None
+        self._optimizer: MultiAdamW | None = None
+        self._was_training = False
+        self._trials: dict[int, _Trial] = {}
+        self._ended: list[tuple[int, TrialResult]] = []
+
+    def active(self) -> list[int]:
+        """Trial numbers training in the pack, in slot order."""
+        return [self._trials[slot].number for slot in sorted(self._trials)]
+
+    def _ensure_base(self, quantized: bool) -> MultiLoRA:
+        if self._adapters is None:
+            base = self.runner.models.base(quantized=quantized)
+            self._was_training = base.training
+            self._adapters = MultiLoRA(base, self.capacity)
+            self._optimizer = MultiAdamW(self._adapters.parameters, self.capacity)
+            self._quantized = quantized
+        return self._adapters
+
+    def add(self, params: TrialParams, output_dir: Path, callbacks: TrialCallbacks, number: int) -> None:
+        """Give the trial a free slot, initialised as peft would with its seed.
+
+        Raises ValueError for full fine-tuning, for a trial on the other base (LoRA vs QLoRA) than
+        the pack's, and when the pack is full. Any other error (no row left at this cutoff_len,
+        QLoRA unavailable) ends the trial FAILED: the next `advance()` returns it.
+        """
+        if not params.is_adapter:
+            raise ValueError("full fine-tuning trains every weight and cannot share a base; run it alone")
+        quantized = params.method == "qlora"
+        if self._quantized is not None and quantized != self._quantized:
+            raise ValueError(
+                f"this pack trains on the {'4-bit' if self._quantized else 'unquantized'} base; "
+                f"a {params.method} trial needs its own pack"
+            )
+        free = [slot for slot in range(self.capacity) if slot not in self._trials]
+        if not free:
+            raise ValueError(f"the pack is full ({self.capacity} trials)")
+        slot = free[0]
+        started = perf_counter()
+        try:
+            train = self.runner.tokenized.get(
+                self._tokenizer, self._template, self._splits.train, params.cutoff_len
+            )
+            if train.rows == 0:
+                raise ValueError(
+                    f"cutoff_len={params.cutoff_len} leaves no reply token in any of the "
+                    f"{train.dropped_rows} training rows (every prompt is at least that long); raise cutoff_len"
+                )
+            adapters = self._ensure_base(quantized)
+            adapters.assign(slot, lora_config(params), params.seed)
+            self._optimizer.reset(slot, params.weight_decay, params.max_grad_norm)
+        except Exception as exc:  # a trial's error is its FAILED result, not the pack's
+            if is_programming_error(exc):
+                raise
+            if self._adapters is not None and self._adapters.slots[slot] is not None:
+                self._adapters.free(slot)
+            self._ended.append((number, self._failed(exc, Timings(load_s=perf_counter() - started))))
+            return
+        steps = total_steps(params, train.rows)
+        schedule = LRSchedule(params.lr_scheduler, params.learning_rate, params.warmup_ratio, steps)
+        trial = _Trial(
+            number, params, output_dir, callbacks, slot, train, steps, schedule, perf_counter() - started
+        )
+        self._trials[slot] = trial
+        callbacks.on_step(0, steps)
+
+    def advance(self) -> list[tuple[int, TrialResult]]:
+        """Step every active trial together until at least one ends; the ended ones, their slots freed.
+
+        torch.OutOfMemoryError in a pack step propagates with the pack rewound to the start of each
+        trial's current optimizer step (partial gradients dropped), ready to `close()` or go on.
+        """
+        if self._ended:
+            ended, self._ended = self._ended, []
+            return ended
+        while self._trials:
+            ended = self._pack_step()
+            if ended:
+                return [self._finish(trial, outcome) for trial, outcome in ended]
+        return []
+
+    def close(self) -> None:
+        """Remove the adapter layers: the base's modules and weights are exactly what they were."""
+        if self._adapters is not None:
+            self._adapters.remove()
+            self._adapters.model.train(self._was_training)
+        self._adapters = self._optimizer = None
+        self._quantized = None
+        self._trials.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _pack_step(self) -> list[tuple[_Trial, str | BaseException]]:
+        """One forward/backward over every trial's next micro-batch; optimizer steps where due."""
+        optimizer = self._optimizer
+        trials = [self._trials[slot] for slot in sorted(self._trials)]
+        for trial in trials:
+            if trial.micro == 0:
+                trial.mark()
+        started = perf_counter()
+        rows, bounds, tokens = [], [], []
+        for trial in trials:
+            batch = trial.train.dataset[trial.next_rows()]
+            start = len(rows)
+            rows += [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+            bounds.append((start, len(rows)))
+            tokens.append(sum(len(ids) for ids in batch["input_ids"]))
+        try:
+            losses = self._forward_backward(trials, rows, bounds)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(range(self.capacity))
+            for trial in trials:
+                trial.rewind()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+        ended: list[tuple[_Trial, str | BaseException]] = []
+        stepping: list[_Trial] = []
+        for trial, loss, count in zip(trials, losses, tokens):
+            trial.tokens += count
+            trial.pack_size = max(trial.pack_size, len(trials))
+            if not math.isfinite(loss):
+                ended.append(
+                    (
+                        trial,
+                        NonFiniteLoss(
+                            f"train loss became {loss} at step {trial.step + 1}; the trial diverged "
+                            "(learning rate too high?)"
+                        ),
+                    )
+                )
+                continue
+            trial.micro += 1
+            trial.accumulated_loss += loss / trial.params.gradient_accumulation_steps
+            if trial.micro == trial.params.gradient_accumulation_steps:
+                stepping.append(trial)
+        rates = [trial.schedule.current() for trial in stepping]
+        norms = optimizer.step([trial.slot for trial in stepping], rates)
+        elapsed = perf_counter() - started
+        for trial in trials:
+            trial.train_s += elapsed
+        for trial, rate, norm in zip(stepping, rates, norms):
+            try:
+                outcome = self._after_step(trial, rate, norm)
+            except Exception as exc:  # a callback's or an eval's error fails its trial only
+                if is_programming_error(exc):
+                    raise
+                outcome = exc
+            if outcome is not None:
+                ended.append((trial, outcome))
+        return ended
+
+    def _forward_backward(
+        self, trials: list[_Trial], rows: list[dict[str, list[int]]], bounds: list[tuple[int, int]]
+    ) -> list[float]:
+        """Each trial's mean label-token loss of its micro-batch; the finite ones are backpropagated."""
+        adapters = self._adapters
+        model = adapters.model
+        batch = {
+            key: value.to(adapters.device)
+            for key, value in pad_right(rows, self._tokenizer.pad_token_id).items()
+        }
+        model.train()
+        if len(trials) == 1:
+            routed = adapters.routing.one_slot(trials[0].slot)
+        else:
+            slot_of_row = torch.tensor(
+                [trial.slot for trial, (a, b) in zip(trials, bounds) for _ in range(b - a)],
+                device=adapters.device,
+            )
+            routed = adapters.routing.by_row(slot_of_row)
+        with routed:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shifted = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1),
+            shifted.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(shifted.shape)
+        labelled = (shifted != IGNORE_INDEX).sum(dim=1)
+        losses = torch.stack([per_token[a:b].sum() / labelled[a:b].sum().clamp(min=1) for a, b in bounds])
+        values = losses.detach().tolist()
+        finite = [
+            loss / trial.params.gradient_accumulation_steps
+            for trial, loss, value in zip(trials, losses, values)
+            if math.isfinite(value)
+        ]
+        if finite:
+            torch.stack(finite).sum().backward()
+        return values
+
+    def _after_step(self, trial: _Trial, rate: float, grad_norm: float) -> str | None:
+        """Bookkeeping of an optimizer step; "complete" or "pruned" when the trial ends there."""
+        trial.schedule.advance()
+        trial.step += 1
+        trial.micro = 0
+        trial.callbacks.on_log(
+            {"train_loss": trial.accumulated_loss, "learning_rate": rate, "grad_norm": grad_norm}, trial.step
+        )
+        trial.accumulated_loss = 0.0
+        trial.callbacks.on_step(trial.step, trial.total)
+        if trial.step >= trial.total:
+            return "complete"
+        if self._eval_every and trial.step % self._eval_every == 0:
+            started = perf_counter()
+            with self._adapters.routing.one_slot(trial.slot):
+                value = self.runner.objective.score(
+                    self._adapters.model, self._tokenizer, self._eval_head
+                ).value
+            trial.eval_s += perf_counter() - started
+            trial.last_value = value
+            trial.callbacks.on_log({"intermediate_objective": value}, trial.step)
+            if not trial.callbacks.report(value, trial.step):
+                trial.pruned_at = trial.step
+                return "pruned"
+        return None
+
+    @contextmanager
+    def _scored(self, slot: int) -> Iterator[None]:
+        """The model as the slot's trial alone: merged into the base where it can be, else routed."""
+        adapters = self._adapters
+        if adapters.can_merge(slot):
+            with adapters.merged(slot):
+                yield
+        else:
+            with adapters.routing.one_slot(slot):
+                yield
+
+    def _save(self, trial: _Trial) -> Path:
+        """Export the adapter to a temporary folder and rename it into place, as `TrialRunner` does."""
+        final = trial.output_dir / "adapter"
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self._adapters.export(trial.slot, partial)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return final
+
+    def _finish(self, trial: _Trial, outcome: str | BaseException) -> tuple[int, TrialResult]:
+        del self._trials[trial.slot]
+        try:
+            if isinstance(outcome, BaseException):
+                return trial.number, self._failed(outcome, self._timings(trial), trial)
+            if outcome == "pruned":
+                return trial.number, TrialResult(
+                    status=TrialStatus.PRUNED,
+                    objective=trial.last_value,
+                    **self._measured(trial, {"pruned_at_step": float(trial.pruned_at)}),
+                )
+            try:
+                return trial.number, self._complete(trial)
+            except Exception as exc:  # scoring or saving fails this trial only
+                if is_programming_error(exc):
+                    raise
+                return trial.number, self._failed(exc, self._timings(trial), trial)
+        finally:
+            self._adapters.free(trial.slot)
+            self._optimizer.reset(trial.slot, 0.0, 1.0)
+
+    def _complete(self, trial: _Trial) -> TrialResult:
+        started = perf_counter()
+        with self._scored(trial.slot):
+            score = self.runner.objective.score(self._adapters.model, self._tokenizer, self._eval)
+        trial.eval_s += perf_counter() - started
+        saved = self._save(trial)
+        train = trial.train
+        metrics = {
+            **score.metrics,
+            "train_rows": float(train.rows),
+            "truncated_rows": float(train.truncated_rows),
+            "dropped_rows": float(train.dropped_rows),
+        }
+        return TrialResult(
+            status=TrialStatus.COMPLETE,
+            objective=score.value,
+            adapter_path=str(saved),
+            **self._measured(trial, metrics),
+        )
+
+    @staticmethod
+    def _timings(trial: _Trial) -> Timings:
+        return Timings(load_s=trial.load_s, train_s=trial.train_s, eval_s=trial.eval_s)
+
+    def _pack_metrics(self, trial: _Trial | None) -> dict[str, float]:
+        """Pack size the trial trained in (at most) and the pack's peak memory, shared by its trials."""
+        metrics = {"pack_size": float(trial.pack_size if trial else 1)}
+        peak = self._memory.peak_mb()
+        if peak is not None:
+            metrics["pack_peak_memory_mb"] = peak
+        return metrics
+
+    def _measured(self, trial: _Trial, metrics: dict[str, float]) -> dict:
+        """The fields every ended trial reports; memory is the pack's peak, shared by its trials."""
+        return {
+            "metrics": {**metrics, **self._pack_metrics(trial)},
+            "peak_memory_mb": self._memory.peak_mb(),
+            "memory_kind": self._memory.kind,
+            "timings": self._timings(trial),
+            "train_tokens": trial.tokens,
+            "train_tokens_per_s": trial.tokens / trial.train_s if trial.train_s > 0 else 0.0,
+            "truncated_rows": trial.train.truncated_rows,
+        }
+
+    def _failed(self, exc: BaseException, timings: Timings, trial: _Trial | None = None) -> TrialResult:
+        kind = (
+            "oom"
+            if isinstance(exc, torch.OutOfMemoryError)
+            else "nonfinite"
+            if isinstance(exc, NonFiniteLoss)
+            else "error"
+        )
+        return TrialResult(
+            status=TrialStatus.FAILED,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            failure_kind=kind,
+            metrics=self._pack_metrics(trial),
+            peak_memory_mb=self._memory.peak_mb(),
+            memory_kind=self._memory.kind,
+            timings=timings,
+            train_tokens=trial.tokens if trial else 0,
+        )

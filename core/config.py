@@ -6,6 +6,7 @@ allowed, before anything heavy (torch, a model, a dataset) is touched.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from types import UnionType
@@ -16,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -28,6 +30,32 @@ from core.objectives import OBJECTIVES
 from core.trial import PARAM_NAMES, TrialParams
 
 Scalar = bool | int | float | str | None
+
+
+def _leaf_types(annotation: Any) -> set:
+    """The plain types an annotation admits, looking through Optional, unions, Annotated and Literal."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return set().union(*(_leaf_types(arg) for arg in get_args(annotation)))
+    if origin is Literal:
+        return {type(arg) for arg in get_args(annotation)}
+    return {annotation}
+
+
+def _bool_is_a_mistake(annotation: Any) -> bool:
+    """True for numeric fields that do not also take a bool.
+
+    Pydantic's lax mode reads `true` as 1 and `false` as 0, so `trials: true` would silently mean one
+    trial; a boolean where a number belongs is always a slip.
+    """
+    leaves = _leaf_types(annotation)
+    return bool(leaves & {int, float}) and bool not in leaves and Any not in leaves
+
+
+def _bool_for_number_reason(value: Any) -> str:
+    return f"must be a number, not the boolean {str(value).lower()}"
 
 
 class _Section(BaseModel):
@@ -93,6 +121,10 @@ class ObjectiveConfig(_Section):
     fewshot_file: str | None = Field(None, description="rows to draw n-shot examples from")
     fewshot_split: str = Field("train", description="split of a datasets fewshot_file (or eval_file)")
     num_fewshot: int | None = Field(None, ge=0, description="shots per prompt; unset: the task's own")
+    fewshot: Literal["lm_eval", "seeded"] = Field(
+        "lm_eval",
+        description="gsm8k shots: lm-eval's own draw (its sampler, seed 1234), or drawn with `seed`",
+    )
     prompt_format: Literal["nshot", "chat"] | None = Field(
         None, description="plain n-shot text, or zero-shot through the chat template"
     )
@@ -102,8 +134,11 @@ class ObjectiveConfig(_Section):
         "auto", description="prompts per generate call; auto: fitted to free GPU memory"
     )
     max_samples: int | None = Field(None, gt=0, description="score a fixed random subset of this size")
-    seed: int = Field(0, description="picks the max_samples subset and the shots")
+    seed: int = Field(0, description="picks the max_samples subset (and the shots with fewshot: seeded)")
     input_field: str = Field("input_field", min_length=1)
+    parser: Literal["kdd2024", "lenient"] = Field(
+        "kdd2024", description="ndcg: the KDD Cup 2024 scorer's answer parser, or the tolerant one"
+    )
     output_field: str = Field("output_field", min_length=1)
     task: str | None = Field(None, description="lm-evaluation-harness task name")
     task_path: str | None = Field(None, description="folder of task YAMLs for lm-evaluation-harness")
@@ -184,6 +219,12 @@ class ObjectiveConfig(_Section):
     def _check_gsm8k_prompts(self) -> None:
         shots = self.num_fewshot
         if self.prompt_format == "chat":
+            if "fewshot" in self.model_fields_set:
+                raise self._error(
+                    "fewshot",
+                    self.fewshot,
+                    "chat prompts are zero-shot; fewshot applies to prompt_format: nshot",
+                )
             if shots:
                 raise self._error(
                     "num_fewshot",
@@ -279,6 +320,13 @@ class WorkersConfig(_Section):
         None, ge=1, description="unset: one per visible GPU (times trials_per_gpu), 1 on CPU"
     )
     trials_per_gpu: int = Field(1, ge=1, description="workers sharing one GPU, for small models")
+    pack: Literal["auto"] | Annotated[int, Field(strict=True, ge=1)] = Field(
+        "auto",
+        description=(
+            "LoRA/QLoRA trials stepped together on one shared base in each worker; 1 turns packing off; "
+            "auto: sized to free GPU memory (1 on CPU, where packing saves nothing)"
+        ),
+    )
 
 
 class SamplerConfig(_Section):
@@ -307,7 +355,7 @@ class TrackingConfig(_Section):
 class SweepConfig(_Section):
     """One validated search-space file: what to tune, on what, scored how, recorded where."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str
     model: ModelConfig
     data: DataConfig
     objective: ObjectiveConfig
@@ -323,8 +371,41 @@ class SweepConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     source: Path = Field(Path("<memory>"), exclude=True)
+    # Dotted field ('model.name_or_path') -> its line in the YAML, so checks made after loading
+    # (preflight: the model folder, the output paths) can still point at the line to fix.
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        # The name becomes file names (mlruns/optuna/<name>.journal, the trials' folders): no
+        # separators, no NUL, nothing a file system refuses, and short enough for 255 bytes.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(
+                f"{name!r} names files, so it may hold only letters, digits, '_', '.' and '-', "
+                "starting with a letter or digit"
+            )
+        longest = len(f"{name}.journal".encode())
+        if longest > 255:
+            raise ValueError(
+                f"is {len(name)} characters; its study file <name>.journal would be {longest} bytes, "
+                f"over the 255 file systems allow: use at most {255 - len('.journal')} characters"
+            )
+        return name
+
+    def line_of(self, field: str) -> int | None:
+        """The YAML line of a dotted field (or of the nearest enclosing one that was written)."""
+        while field:
+            if field in self._lines:
+                return self._lines[field]
+            field = field.rpartition(".")[0]
+        return None
+
+    def error(self, field: str, message: str) -> InputError:
+        """An `InputError` at `field` of this config's YAML file, with its line when known."""
+        return InputError(self.source, message, field, self.line_of(field))
 
     @property
     def direction(self) -> Literal["minimize", "maximize"]:
@@ -421,6 +502,8 @@ def _check_keys(raw: dict, model: type[BaseModel], loc: tuple, err) -> None:
     for key, value in raw.items():
         if key not in allowed:
             raise err((*loc, key), f"unknown field {key!r}; allowed: {', '.join(allowed)}")
+        if isinstance(value, bool) and _bool_is_a_mistake(model.model_fields[key].annotation):
+            raise err((*loc, key), _bool_for_number_reason(value))
         sub = _section_model(model.model_fields[key].annotation)
         if sub is not None and isinstance(value, dict):
             _check_keys(value, sub, (*loc, key), err)
@@ -445,6 +528,8 @@ def _check_space_shape(space: Any, err) -> None:
 def _validate_param_value(name: str, value: Any) -> str | None:
     """None if `value` is acceptable for TrialParams.<name>, else pydantic's reason."""
     field = TrialParams.model_fields[name]
+    if isinstance(value, bool) and _bool_is_a_mistake(field.annotation):
+        return _bool_for_number_reason(value)
     annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
     try:
         TypeAdapter(annotation).validate_python(value)
@@ -465,6 +550,7 @@ def _check_space_semantics(cfg: SweepConfig, err) -> None:
                 raise err((*loc, "step"), "step cannot be combined with log: true")
             if spec.log and isinstance(spec, IntParam) and spec.step != 1:
                 raise err((*loc, "step"), "an int parameter on a log scale must have step 1")
+            _check_step_divides(spec, loc, err)
             for bound in ("low", "high"):
                 reason = _validate_param_value(name, getattr(spec, bound))
                 if reason:
@@ -499,6 +585,74 @@ def _check_space_semantics(cfg: SweepConfig, err) -> None:
                         (*loc, "when", parent),
                         f"{value!r} is not a choice of {parent!r}; choices: {parent_spec.choices}",
                     )
+
+
+def _check_step_divides(spec: FloatParam | IntParam, loc: tuple, err) -> None:
+    """A step must divide high - low: Optuna would otherwise quietly move `high` to the last step."""
+    if spec.step is None or spec.low > spec.high:
+        return
+    steps = (spec.high - spec.low) / spec.step
+    if abs(steps - round(steps)) <= 1e-6 * max(1.0, steps):
+        return
+    last = spec.low + math.floor(steps) * spec.step
+    last = round(last, 12) if isinstance(spec, FloatParam) else last
+    raise err(
+        (*loc, "step"),
+        f"step {spec.step} does not divide the range {spec.low} to {spec.high} ({steps:.4g} steps), so "
+        f"{spec.high} could never be drawn; use high: {last} or a step that divides the range",
+    )
+
+
+def _check_when_cycles(cfg: SweepConfig, err) -> None:
+    """Conditionals must form a tree: a cycle has no parameter to sample first."""
+
+    def visit(name: str, path: list[str]) -> None:
+        for parent in cfg.space[name].when or {}:
+            if parent in path:
+                cycle = [*path[path.index(parent) :], parent]
+                raise err(
+                    ("space", cycle[0], "when"),
+                    f"conditionals form a cycle: {' -> '.join(cycle)} (each 'when' names the next); "
+                    f"remove the 'when' of {cycle[0]} or of {cycle[-2]}",
+                )
+            visit(parent, [*path, parent])
+
+    for name in cfg.space:
+        visit(name, [name])
+
+
+def _check_grid(cfg: SweepConfig, err) -> None:
+    """The grid sampler enumerates every parameter; find one it cannot before a trial starts."""
+    if cfg.sampler.type != "grid":
+        return
+    for name, spec in cfg.space.items():
+        if isinstance(spec, (FloatParam, IntParam)) and spec.log:
+            raise err(
+                ("space", name, "log"),
+                "the grid sampler cannot enumerate a log scale; list the values as a categorical",
+            )
+        if isinstance(spec, FloatParam) and spec.step is None:
+            raise err(
+                ("space", name),
+                "the grid sampler needs a step for a float parameter (e.g. step: 0.1), "
+                "or list the values as a categorical",
+            )
+
+
+def _check_chat_template(cfg: SweepConfig, err) -> None:
+    """A template is compiled now, so a Jinja typo is one line here and not a failure of every trial."""
+    template = cfg.data.chat_template
+    if template is None or template == "chatml":  # runners.data.NAMED_TEMPLATES
+        return
+    loc = ("data", "chat_template")
+    if "{" not in template:
+        raise err(loc, f"{template!r} is neither a named template (chatml) nor a Jinja template")
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise err(loc, f"not a valid Jinja template: {exc.message} (template line {exc.lineno})") from None
 
 
 def _check_training(cfg: SweepConfig, err) -> None:
@@ -543,16 +697,71 @@ def _check_multi_objective(cfg: SweepConfig, err) -> None:
 _STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 
+_TRACKING_SCHEMES = ("file", "http", "https", "databricks", *_STORAGE_SCHEMES)
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+
+
+def _db_url_problem(url: str) -> str | None:
+    """Why SQLAlchemy could not open `url` (parsed only, never connected), or None."""
+    if _scheme(url) == "sqlite":
+        # sqlite://host is accepted by the parser and refused at connect time, mid-sweep.
+        rest = url.split("://", 1)[1]
+        if not rest.startswith("/") or not rest.strip("/"):
+            return (
+                f"{url!r} names no database file; write sqlite:///relative/file.db or "
+                "sqlite:////absolute/file.db"
+            )
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        return f"{url!r} is not a valid database URL: {exc}"
+    return None
+
+
 def _check_storage(cfg: SweepConfig, err) -> None:
     """Only an RDB URL SQLAlchemy can open; a typo would otherwise fail after preflight, mid-sweep."""
     if cfg.storage is None:
         return
-    scheme = cfg.storage.split("://", 1)[0] if "://" in cfg.storage else ""
-    if scheme.split("+", 1)[0] not in _STORAGE_SCHEMES:
+    if _scheme(cfg.storage) not in _STORAGE_SCHEMES:
         allowed = ", ".join(f"{name}://" for name in _STORAGE_SCHEMES)
         raise err(
             ("storage",),
             f"{cfg.storage!r} is not a database URL; allowed: {allowed} (unset: a journal file in mlruns/)",
+        )
+    problem = _db_url_problem(cfg.storage)
+    if problem:
+        raise err(("storage",), problem)
+
+
+def _check_tracking(cfg: SweepConfig, err) -> None:
+    """The tracking URI and artifact folder are checked here: MLflow would only fail on them mid-sweep."""
+    uri = cfg.tracking.uri
+    scheme = _scheme(uri)
+    problem = None
+    if scheme in _STORAGE_SCHEMES:
+        problem = _db_url_problem(uri)
+    elif scheme in ("http", "https") and not uri.split("://", 1)[1].split("/", 1)[0]:
+        problem = f"{uri!r} names no host"
+    elif scheme not in ("", *_TRACKING_SCHEMES):
+        allowed = ", ".join(f"{name}://" for name in _TRACKING_SCHEMES)
+        problem = f"{uri!r} has an unknown scheme {scheme!r}; allowed: {allowed} or a folder"
+    elif not uri.split("://", 1)[-1].strip():
+        problem = "is empty; the default is sqlite:///mlruns/mlflow.db"
+    if problem:
+        raise err(("tracking", "uri"), problem)
+    location = cfg.tracking.artifact_location
+    if "://" in location or not location.strip():
+        # sweeps.tracking creates the folder and hands MLflow its file:// URI.
+        raise err(
+            ("tracking", "artifact_location"),
+            f"{location!r} must be a local folder path (no URL scheme), e.g. mlruns/artifacts",
         )
 
 
@@ -598,12 +807,17 @@ def parse_config(text: str, file: Path) -> SweepConfig:
             f"unknown objective {cfg.objective.name!r}; allowed: {', '.join(OBJECTIVES)}",
         )
     _check_space_semantics(cfg, err)
+    _check_when_cycles(cfg, err)
+    _check_grid(cfg, err)
     _check_training(cfg, err)
     _check_pruner(cfg, err)
     _check_storage(cfg, err)
+    _check_tracking(cfg, err)
+    _check_chat_template(cfg, err)
     _check_multi_objective(cfg, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file
+    cfg._lines = {_dotted(loc): line for loc, line in lines.items() if loc}
     return cfg
 
 
@@ -612,4 +826,15 @@ def load_config(path: str | Path) -> SweepConfig:
     file = Path(path)
     if not file.is_file():
         raise InputError(file, "search-space file not found")
-    return parse_config(file.read_text(encoding="utf-8"), file)
+    return parse_config(decode_utf8(file.read_bytes(), file), file)
+
+
+def decode_utf8(raw: bytes, file: Path | str) -> str:
+    """`raw` as text; a byte that is not UTF-8 is an `InputError` at its line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        message = f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {column}; save the file as UTF-8"
+        raise InputError(file, message, line=line) from None

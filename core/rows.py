@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.config import DataConfig
+from core.config import DataConfig, decode_utf8
 from core.errors import InputError
 
 # GSM8K's prompt (lm-eval's gsm8k.yaml doc_to_text). Training rows of `data.format: gsm8k` use it as
@@ -46,7 +46,7 @@ def _read_rows(path: Path) -> Iterable[tuple[int | None, int, Any]]:
     """Yield (line, row index, parsed row); line is None for a JSON array file."""
     if not path.is_file():
         raise InputError(path, "data file not found")
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
@@ -116,6 +116,10 @@ def _sharegpt(row: dict, fail) -> list[Message]:
     if "conversations" not in row:
         fail("sharegpt row needs 'conversations': [{from: human|gpt|system, value: ...}]")
     messages = _turns(row["conversations"], "from", "value", _SHAREGPT_ROLES, fail)
+    if not any(message["role"] == "user" for message in messages):
+        # Chat templates render a reply with no prompt oddly or not at all; the model would learn
+        # to answer nothing.
+        fail("sharegpt row has no user turn ('from': 'human'); a conversation needs a prompt to reply to")
     system = _text(row, "system", fail, required=False)
     return ([{"role": "system", "content": system}] if system else []) + messages
 
@@ -124,7 +128,10 @@ def _messages(row: dict, fail) -> list[Message]:
     if "messages" not in row:
         fail("messages row needs 'messages': [{role: system|user|assistant, content: ...}]")
     roles = {"system": "system", "user": "user", "assistant": "assistant"}
-    return _turns(row["messages"], "role", "content", roles, fail)
+    messages = _turns(row["messages"], "role", "content", roles, fail)
+    if not any(message["role"] == "user" for message in messages):
+        fail("messages row has no user turn ('role': 'user'); a conversation needs a prompt to reply to")
+    return messages
 
 
 def _gsm8k(row: dict, fail) -> list[Message]:

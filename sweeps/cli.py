@@ -6,20 +6,80 @@ validated, so a typo is reported in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
 from core.config import SweepConfig, load_config
 from core.errors import InputError
+from core.store import Store
 from sweeps.preflight import preflight, quiet_libraries, stop_on_signals
 
-app = typer.Typer(help="Find the best fine-tuning recipe for a language model.", no_args_is_help=True)
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """A usage error (`--trials abc`, an unknown option) as one `error:` line and exit 2, as bad input is.
+
+    Typer would draw a box with the usage around it; scripts and logs want the one line.
+    """
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # plain `sweep`: the help is the answer
+    except UsageError as exc:
+        param = getattr(exc, "param", None)
+        if param is not None and getattr(param, "opts", None) and exc.message:
+            where = max(param.opts, key=len)
+            message = exc.message
+        else:
+            where, message = None, exc.format_message()
+        line = f"{where}: {message}" if where else message
+        err_console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+class _PlainErrors(TyperGroup):
+    """The app's group: usage errors of any command are printed as one line (see above)."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+def _at_least_one(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def _seconds(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number of seconds > 0, got {value}")
+    return value
+
+
+app = typer.Typer(
+    cls=_PlainErrors, help="Find the best fine-tuning recipe for a language model.", no_args_is_help=True
+)
 # Rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`), which cuts the
 # trial table's parameter names; logs get room for them instead.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -31,7 +91,8 @@ ConfigArg = Annotated[Path, typer.Argument(help="search-space YAML, e.g. search_
 
 
 def _fail_input(exc: InputError) -> None:
-    err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escape: messages quote YAML such as `when: {method: [lora]}`, which rich would read as markup.
+    err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -42,6 +103,21 @@ def _load(path: Path) -> SweepConfig:
         _fail_input(exc)
 
 
+def _executor(config: SweepConfig, store: Store, runner, on_ray: bool, count: int, ray_address: str | None):
+    """The executor factory for this invocation: Ray actors, `count` worker processes, or this process."""
+    if on_ray:
+        from sweeps.executors.ray import RayActors
+
+        return lambda parent_id, on_step: RayActors(config, store, ray_address, on_step)
+    if count > 1:
+        from sweeps.executors.processes import WorkerPool
+
+        return lambda parent_id, on_step: WorkerPool(config, store, count, on_step)
+    from sweeps.executors.local import local_executor
+
+    return lambda parent_id, on_step: local_executor(config, store, runner, on_step)
+
+
 def _run(
     config: SweepConfig,
     trials: int | None,
@@ -50,37 +126,39 @@ def _run(
     backend: str | None = None,
     ray_address: str | None = None,
 ) -> None:
+    from sweeps.executors.devices import pin_to, visible_gpus
+
+    on_ray = (backend or config.backend) == "ray"
+    gpus = visible_gpus()
+    count = workers or config.workers.count or max(len(gpus), 1) * config.workers.trials_per_gpu
+    if not on_ray and count == 1 and gpus:
+        # Before anything starts CUDA here: this process runs the trials, on exactly one GPU.
+        pin_to(gpus[0])
     quiet_libraries()
     from sweeps.display import LiveView
-    from sweeps.study import TooManyFailures, run_sweep
-    from sweeps.workers import default_worker_count, run_workers
+    from sweeps.executors.base import ExecutorCrashed
+    from sweeps.loop import TooManyFailures, run_sweep
 
+    store = Store.at()
     try:
-        runner = preflight(config)
+        runner = preflight(config, store)
     except InputError as exc:
         _fail_input(exc)
     stop_on_signals()
-    keys = list(config.space)
+    executor = _executor(config, store, runner, on_ray, count, ray_address)
     try:
-        with LiveView(keys, console) as view:
-            n_workers = workers or default_worker_count(config)
-            if (backend or config.backend) == "ray":
-                from sweeps.ray_backend import run_ray
-
-                outcome = run_ray(
-                    config, n_trials=trials, timeout=timeout, address=ray_address, observer=view
-                )
-            elif n_workers == 1:
-                outcome = run_sweep(config, runner, n_trials=trials, timeout=timeout, observer=view)
-            else:
-                outcome = run_workers(config, n_workers, n_trials=trials, timeout=timeout, observer=view)
+        with LiveView(list(config.space), console) as view:
+            outcome = run_sweep(config, store, executor, n_trials=trials, timeout=timeout, observer=view)
     except KeyboardInterrupt:
         err_console.print(
-            "[yellow]interrupted:[/] the running trial is recorded as KILLED; run the same command to resume"
+            "[yellow]interrupted:[/] running trials are recorded as KILLED; run the same command to resume"
         )
         raise typer.Exit(130)
     except TooManyFailures as exc:
         err_console.print(f"[red]sweep stopped:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1)
+    except ExecutorCrashed as exc:
+        err_console.print(f"[red]sweep crashed[/] (a bug in sweep itself; please report it):\n{exc}", soft_wrap=True)
         raise typer.Exit(1)
     console.print()
     if outcome.already_done:
@@ -111,14 +189,19 @@ def _print_best(config: SweepConfig, best) -> None:
 def run(
     config: ConfigArg,
     trials: Annotated[
-        int | None, typer.Option(help="finished trials the study should hold (default: budget.trials)", min=1)
+        int | None,
+        typer.Option(
+            help="finished trials the study should hold (default: budget.trials)", callback=_at_least_one
+        ),
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="stop starting trials after this many seconds")
+        float | None, typer.Option(help="stop starting trials after this many seconds", callback=_seconds)
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="parallel worker processes (default: one per visible GPU, 1 on CPU)", min=1),
+        typer.Option(
+            help="parallel worker processes (default: one per visible GPU, 1 on CPU)", callback=_at_least_one
+        ),
     ] = None,
     backend: Annotated[str | None, typer.Option(help="local | ray (default: the config's backend)")] = None,
     ray_address: Annotated[
@@ -135,7 +218,7 @@ def run(
 @app.command()
 def demo(
     trials: Annotated[
-        int | None, typer.Option(help="finished trials (default: the demo's budget)", min=1)
+        int | None, typer.Option(help="finished trials (default: the demo's budget)", callback=_at_least_one)
     ] = None,
 ) -> None:
     """The embedded default: a real sweep of a tiny model on a sorting task, offline, on CPU."""
@@ -146,7 +229,7 @@ def _study_or_exit(config: SweepConfig):
     from sweeps.study import load_study
 
     try:
-        return load_study(config)
+        return load_study(config, Store.at())
     except KeyError:
         err_console.print(
             f"[red]error:[/] no study named '{config.name}' yet; start it with: sweep run {config.source}"
@@ -206,18 +289,57 @@ def _print_pareto_front(config: SweepConfig, front) -> None:
     console.print(table)
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound (the OS's words), or None when it is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server binds: a port left in TIME_WAIT by a stopped server is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _stop_group(server: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop the server and every process it started (its own process group): SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    # Whatever is left of the group (the server's job runner, a server that ignored SIGTERM).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
 @app.command()
 def ui(
     config: Annotated[Path | None, typer.Argument(help="a sweep's YAML, to use its tracking URI")] = None,
     host: Annotated[
         str, typer.Option(help="interface to bind; 127.0.0.1 keeps it private to this machine")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 5000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 5000,
 ) -> None:
-    """The MLflow UI over the local store (bound to 127.0.0.1 unless --host says otherwise)."""
+    """The MLflow UI over the local store (bound to 127.0.0.1 unless --host says otherwise).
+
+    The server runs in its own process group; SIGINT or SIGTERM to `sweep ui` stops it and every
+    process it started, so none is left serving after `sweep ui` is gone.
+    """
     from sweeps.tracking import resolve_uri
 
     uri = resolve_uri(_load(config).tracking.uri if config else "sqlite:///mlruns/mlflow.db")
+    busy = _port_in_use(host, port)
+    if busy is not None:
+        err_console.print(
+            f"[red]error:[/] --port: cannot serve on {host}:{port} ({busy}); pick a free one with --port",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     command = [
         sys.executable,
         "-m",
@@ -231,7 +353,25 @@ def ui(
         str(port),
     ]
     console.print(f"MLflow UI on http://{host}:{port} (backend {uri})")
-    raise typer.Exit(subprocess.call(command))
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, interrupt)
+    server = subprocess.Popen(command, start_new_session=True)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        # A second signal must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        code = 130
+    finally:
+        _stop_group(server, grace_s=10.0 if server.returncode is None else 0.0)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -258,7 +398,7 @@ def promote(
     from sweeps.promote import promote as promote_trial
 
     try:
-        result = promote_trial(cfg, trial_number=trial, export=export, output=output)
+        result = promote_trial(cfg, Store.at(), trial_number=trial, export=export, output=output)
     except InputError as exc:
         _fail_input(exc)
     except MergeMismatch as exc:

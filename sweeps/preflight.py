@@ -7,9 +7,11 @@ import os
 import signal
 import warnings
 from pathlib import Path
+from typing import Any
 
 from core.config import SweepConfig
 from core.errors import InputError
+from core.store import Store
 
 
 def quiet_libraries() -> None:
@@ -31,14 +33,120 @@ def quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def preflight(config: SweepConfig):
+def unwritable_reason(path: Path, folder: bool) -> str | None:
+    """Why `path` (a folder, or a file when not `folder`) could not be created or written, or None.
+
+    Only looks: nothing is created, so a check that passes leaves no trace.
+    """
+    path = path.expanduser().absolute()
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot create {path}: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {ancestor} is not writable"
+    return None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL (relative to the working directory), else None."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _check_outputs(config: SweepConfig, store: Store) -> None:
+    """Every place a sweep writes must be writable now, not when the first trial ends."""
+    reason = unwritable_reason(store.root, folder=True)
+    if reason:
+        raise InputError(store.root, f"the sweep's store folder cannot be used: {reason}")
+    uri = config.tracking.uri
+    checks: list[tuple[str, Path | None, bool]] = [
+        ("tracking.uri", _sqlite_file(uri), False),
+        ("storage", _sqlite_file(config.storage or ""), False),
+        ("tracking.artifact_location", Path(config.tracking.artifact_location), True),
+    ]
+    if "://" not in uri or uri.startswith("file://"):  # a plain path or file:// is MLflow's folder store
+        checks.append(("tracking.uri", Path(uri.removeprefix("file://")), True))
+    for field, path, folder in checks:
+        reason = unwritable_reason(path, folder) if path is not None else None
+        if reason:
+            raise config.error(field, reason)
+
+
+def _check_target_modules(config: SweepConfig) -> None:
+    """LoRA `target_modules` names must exist in the model; peft would only say so in every trial."""
+    from core.config import CategoricalParam
+    from runners.models import linear_layer_names, module_names, unknown_target_module
+
+    values: list[tuple[str, Any]] = []
+    if "target_modules" in config.training:
+        values.append(("training.target_modules", config.training["target_modules"]))
+    spec = config.space.get("target_modules")
+    if isinstance(spec, CategoricalParam):
+        values += [(f"space.target_modules.choices[{i}]", choice) for i, choice in enumerate(spec.choices)]
+    values = [(field, value) for field, value in values if isinstance(value, str) and value != "all-linear"]
+    if not values:
+        return
+    names = module_names(config.model)
+    if names is None:
+        return
+    for field, value in values:
+        unknown = unknown_target_module(names, [name.strip() for name in value.split(",") if name.strip()])
+        if unknown is not None:
+            raise config.error(
+                field,
+                f"the model has no module named {unknown!r}; its Linear layers: "
+                f"{', '.join(linear_layer_names(names))} (or all-linear)",
+            )
+
+
+def _located(config: SweepConfig, exc: InputError) -> InputError:
+    """`exc` pointing at the YAML line of its field when it names a field of the config."""
+    if exc.field and exc.line is None and str(exc.file) in (str(config.source), "config"):
+        return config.error(exc.field, exc.message)
+    return exc
+
+
+def preflight(config: SweepConfig, store: Store):
     """Everything that can be checked before a weight is loaded: model source, QLoRA, data rows.
 
     Returns the prepared `TrialRunner` so the tokenized data and tokenizer are reused by trials.
+    Every problem is an `InputError`, at the YAML line of the field when it is the config's.
     """
+    try:
+        return _preflight(config, store)
+    except InputError as exc:
+        raise _located(config, exc) from None
+
+
+def _check_data_files(config: SweepConfig) -> None:
+    """Local data files must exist; checked first, since a missing download is the likeliest mistake."""
+    files = [("data.train_file", config.data.train_file), ("data.eval_file", config.data.eval_file)]
+    objective = config.objective
+    files += [
+        (f"objective.{field}", Path(value))
+        for field, value in (("eval_file", objective.eval_file), ("fewshot_file", objective.fewshot_file))
+        if value is not None and value.endswith((".json", ".jsonl"))
+    ]
+    for field, path in files:
+        if path is not None and not Path(path).is_file():
+            raise InputError(path, f"data file not found (set by {field} in {config.source})")
+
+
+def _preflight(config: SweepConfig, store: Store):
     from runners.models import check_model_source, qlora_unavailable_reason
     from runners.sft import TrialRunner
 
+    _check_data_files(config)
+    _check_outputs(config, store)
     method = config.space.get("method")
     wants_qlora = config.training.get("method") == "qlora" or (
         method is not None and "qlora" in getattr(method, "choices", [])
@@ -48,7 +156,13 @@ def preflight(config: SweepConfig):
         field = "training.method" if config.training.get("method") == "qlora" else "space.method.choices"
         raise InputError(config.source, f"{reason}; remove qlora or run on a GPU", field)
     check_model_source(config.model, config.source)
-    runner = TrialRunner(config, cache_dir=Path("mlruns") / "cache" / "tokenized")
+    _check_target_modules(config)
+    runner = TrialRunner(config, cache_dir=store.tokenized)
+    try:
+        runner.models.tokenizer()
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise config.error("model.name_or_path", f"cannot load the tokenizer: {first_line}") from None
     runner.prepare()
     return runner
 

@@ -39,15 +39,16 @@ from core.config import ModelConfig, SweepConfig
 from core.errors import InputError
 from core.eval import EvalData, pad_right
 from core.rows import Example, load_splits
+from core.store import Store
 from core.trial import TrialParams
 from objectives.registry import load_objective
 from runners.data import TokenizedCache, resolve_chat_template, tokenize_example
 from runners.models import ModelCache, device
+from sweeps.preflight import unwritable_reason
 from sweeps.study import best_trial, load_study
 from sweeps.tracking import resolve_uri
 
 CHAMPION = "champion"
-PROMOTED_DIR = Path("mlruns") / "promoted"
 EXPORTS = ("gptq",)
 
 # Relative max-abs logit error allowed between the merged model and base+adapter. bf16 rounds the
@@ -149,9 +150,9 @@ def select_trial(study: optuna.Study, number: int | None, source: Path | str) ->
     return trial
 
 
-def default_output(config: SweepConfig, trial_number: int) -> Path:
+def default_output(config: SweepConfig, store: Store, trial_number: int) -> Path:
     """Where a promotion writes unless told otherwise: mlruns/promoted/<sweep>/trial-<N>."""
-    return PROMOTED_DIR / config.name / f"trial-{trial_number}"
+    return store.promoted / config.name / f"trial-{trial_number}"
 
 
 def gptq_output(merged_dir: Path) -> Path:
@@ -166,9 +167,9 @@ def _ensure_free(folder: Path) -> None:
         )
 
 
-def eval_data(config: SweepConfig, tokenizer, examples: list[Example], template: str) -> EvalData:
+def eval_data(config: SweepConfig, store: Store, tokenizer, examples: list[Example], template: str) -> EvalData:
     """The objective's input outside a trial, tokenized exactly as trials were scored (shared cache)."""
-    cache = TokenizedCache(Path("mlruns") / "cache" / "tokenized")
+    cache = TokenizedCache(store.tokenized)
     return EvalData(examples, cache.get(tokenizer, template, examples, config.objective.max_length), template)
 
 
@@ -386,7 +387,7 @@ def _register(client: MlflowClient, name: str, source: Path, run_id: str, tags: 
     return str(version.version)
 
 
-def _prepare(config: SweepConfig, params: TrialParams, artifact_uri: str, uri: str) -> _Context:
+def _prepare(config: SweepConfig, store: Store, params: TrialParams, artifact_uri: str, uri: str) -> _Context:
     """Read data, tokenizer and template (raising `InputError` on bad input); load no weights."""
     dtype = promotion_dtype(config.model, torch.cuda.is_available())
     model = config.model.model_copy(update={"dtype": dtype})
@@ -396,7 +397,7 @@ def _prepare(config: SweepConfig, params: TrialParams, artifact_uri: str, uri: s
     # The promoted folder carries the template the trials trained with, not the tokenizer's own.
     tokenizer.chat_template = template
     artifact_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
-    evaluation = eval_data(config, tokenizer, splits.eval, template)
+    evaluation = eval_data(config, store, tokenizer, splits.eval, template)
     return _Context(config, params, artifact_dir, dtype, model, tokenizer, template, splits.train, evaluation)
 
 
@@ -424,8 +425,39 @@ def _record(promotion: Promotion, gptq: GptqSettings) -> dict[str, Any]:
     return record
 
 
+def _trial_run(config: SweepConfig, trial: FrozenTrial, uri: str):
+    """The MLflow run a trial recorded; `InputError` in one line when the tracking store lost it.
+
+    The study (the journal) and MLflow are separate files: with `mlflow.db` deleted the study
+    still lists the trial, but its parameters and adapter are gone. The database is not created
+    anew just to find that out.
+    """
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    restore = "restore it, or start the sweep afresh (move mlruns/optuna away too)"
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise InputError(
+                config.source,
+                f"trial {trial.number} cannot be promoted: the MLflow database {database} holding its run "
+                f"{run_id} is missing, though the study still lists the trial; {restore}",
+                "tracking.uri",
+            )
+    try:
+        return MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise InputError(
+            config.source,
+            f"trial {trial.number} cannot be promoted: its MLflow run {run_id} is not in {uri}; {restore}",
+            "tracking.uri",
+        ) from None
+
+
 def promote(
     config: SweepConfig,
+    store: Store,
     trial_number: int | None = None,
     export: str | None = None,
     output: Path | None = None,
@@ -443,7 +475,7 @@ def promote(
     if export == "gptq" and (reason := gptq_unavailable_reason()):
         raise InputError(config.source, reason)
     try:
-        study = load_study(config)
+        study = load_study(config, store)
     except KeyError:
         raise InputError(
             config.source, f"no study named '{config.name}' yet; start it with: sweep run {config.source}"
@@ -454,17 +486,21 @@ def promote(
         raise InputError(
             config.source, f"trial {trial.number} kept no adapter or weights (tracking.log_adapter is off)"
         )
-    merged_dir = (Path(output) if output is not None else default_output(config, trial.number)).resolve()
+    merged_dir = (Path(output) if output is not None else default_output(config, store, trial.number)).resolve()
     gptq_dir = gptq_output(merged_dir) if export == "gptq" else None
     for folder in (merged_dir, gptq_dir):
         if folder is not None:
             _ensure_free(folder)
+            # Checked now: the merge takes minutes, and only its final rename would find out.
+            reason = unwritable_reason(folder, folder=True)
+            if reason:
+                raise InputError("--output" if output is not None else folder, reason)
 
     uri = resolve_uri(config.tracking.uri)
+    run = _trial_run(config, trial, uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run = client.get_run(trial.user_attrs["mlflow_run_id"])
     params = TrialParams.model_validate(run.data.params)
-    ctx = _prepare(config, params, artifact_uri, uri)
+    ctx = _prepare(config, store, params, artifact_uri, uri)
 
     # (scratch folder, final folder): written in full first, renamed into place together at the end.
     staged: list[tuple[Path, Path]] = []

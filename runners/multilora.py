@@ -156,25 +156,33 @@ class MultiLoRALinear(nn.Module):
         keep = torch.rand_like(x) >= p
         return x * keep / (1 - p)
 
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # Half-precision activations keep their dtype, as peft's layers do under a bf16 trainer's
+        # autocast: upcasting every input to the fp32 master weights would store an fp32 copy of
+        # each activation for the backward pass and run the adapter matmuls without tensor cores.
+        return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.A.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         routing = self.routing
+        dtype = self._compute_dtype(x)
         if routing.slot is not None:
             slot = routing.slot
             if not self.targets[slot]:
                 return y
-            h = nn.functional.dropout(x.to(self.A.dtype), routing.dropout[slot], self.training)
-            # Same order of operations as peft's lora.Linear: B(A(x)) * scaling, added in fp32.
-            return (y + (h @ self.A[slot]) @ self.B[slot] * self.scales[slot]).to(y.dtype)
+            h = nn.functional.dropout(x.to(dtype), routing.dropout[slot], self.training)
+            # Same order of operations as peft's lora.Linear: B(A(x)) * scaling.
+            delta = (h @ self.A[slot].to(dtype)) @ self.B[slot].to(dtype) * self.scales[slot]
+            return (y + delta).to(y.dtype)
         if routing.rows is None or not any(self.targets[s] for s in routing.present):
             return y
         rows = routing.rows
         n = rows.numel()
-        h = x.to(self.A.dtype).reshape(n, -1, self.in_features)
+        h = x.to(dtype).reshape(n, -1, self.in_features)
         if self.training and any(routing.dropout[s] > 0 for s in routing.present):
-            h = self._dropout(h, routing.dropout_tensor.index_select(0, rows).view(n, 1, 1))
-        delta = torch.bmm(torch.bmm(h, self.A.index_select(0, rows)), self.B.index_select(0, rows))
-        delta = delta * self.scale.index_select(0, rows).view(n, 1, 1)
+            h = self._dropout(h, routing.dropout_tensor.index_select(0, rows).to(dtype).view(n, 1, 1))
+        A, B = self.A.to(dtype).index_select(0, rows), self.B.to(dtype).index_select(0, rows)
+        delta = torch.bmm(torch.bmm(h, A), B) * self.scale.index_select(0, rows).to(dtype).view(n, 1, 1)
         return (y + delta.reshape(*y.shape[:-1], self.out_features)).to(y.dtype)
 
 

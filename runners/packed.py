@@ -29,6 +29,7 @@ from pathlib import Path
 from time import perf_counter
 
 import torch
+import torch.utils.checkpoint
 
 from core.errors import is_programming_error
 from core.eval import IGNORE_INDEX, EvalData, TokenizedSplit, pad_right
@@ -100,6 +101,47 @@ class _Trial:
         self.generator.set_state(state)
         self.micro = 0
         self.accumulated_loss = 0.0
+
+
+_LOSS_CHUNK = 2048
+"""Labelled positions projected through the LM head at once (a 150k vocabulary: 1.2 GB of fp32 logits)."""
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def _label_loss_sums(
+    model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor, owner: torch.Tensor, trials: int
+) -> torch.Tensor:
+    """Summed cross-entropy of each trial's labelled positions (`owner`: the trial of each row).
+
+    The whole pack's logits would be rows x tokens x vocabulary in fp32, tens of GB for a 150k
+    vocabulary, and most positions are prompt tokens that carry no loss. So only labelled
+    positions go through the LM head, in chunks, each recomputed in the backward pass
+    (checkpointed) rather than kept. Models that rescale logits (softcapping) take the plain path.
+    """
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(shifted.shape)
+        return torch.zeros(trials, device=ids.device).index_add(0, owner, per_token.sum(dim=1))
+    outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    keep = shifted != IGNORE_INDEX
+    head = model.get_output_embeddings()
+    hidden = outputs.hidden_states[-1][:, :-1][keep].to(next(head.parameters()).dtype)
+    targets = shifted[keep]
+    position_owner = owner.unsqueeze(1).expand_as(shifted)[keep]
+    sums = torch.zeros(trials, device=ids.device)
+    for start in range(0, hidden.size(0), _LOSS_CHUNK):
+        end = start + _LOSS_CHUNK
+        losses = torch.utils.checkpoint.checkpoint(
+            _chunk_loss, head, hidden[start:end], targets[start:end], use_reentrant=False
+        )
+        sums = sums.index_add(0, position_owner[start:end], losses)
+    return sums
 
 
 class PackedRunner:
@@ -235,7 +277,7 @@ class PackedRunner:
         for trial in trials:
             batch = trial.train.dataset[trial.next_rows()]
             start = len(rows)
-            rows += [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+            rows += [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
             bounds.append((start, len(rows)))
             tokens.append(sum(len(ids) for ids in batch["input_ids"]))
         try:
@@ -303,17 +345,16 @@ class PackedRunner:
                 device=adapters.device,
             )
             routed = adapters.routing.by_row(slot_of_row)
-        with routed:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shifted = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1),
-            shifted.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(shifted.shape)
-        labelled = (shifted != IGNORE_INDEX).sum(dim=1)
-        losses = torch.stack([per_token[a:b].sum() / labelled[a:b].sum().clamp(min=1) for a, b in bounds])
+        owner = torch.tensor(
+            [i for i, (a, b) in enumerate(bounds) for _ in range(b - a)], device=adapters.device
+        )
+        with routed:
+            sums = _label_loss_sums(
+                model, batch["input_ids"], batch["attention_mask"], shifted, owner, len(trials)
+            )
+        labelled = torch.stack([(shifted[a:b] != IGNORE_INDEX).sum() for a, b in bounds])
+        losses = sums / labelled.clamp(min=1)
         values = losses.detach().tolist()
         finite = [
             loss / trial.params.gradient_accumulation_steps

@@ -28,8 +28,8 @@ from objectives.registry import load_objective
 from runners.data import TokenizedCache, resolve_chat_template
 from runners.faults import FaultCallback, disk_full, planned_faults
 from runners.memory import PeakMemory
-from runners.multilora import lora_config, seeded_peft_model
 from runners.models import ModelCache
+from runners.multilora import lora_config, seeded_peft_model
 
 # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
 # old name; older 5.x releases (still common on GPU images) only know the old one.

@@ -20,6 +20,8 @@ from runners.packed import PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
 from tests.conftest import DEFAULT_SPACE, DEFAULT_TRAINING, config_text
 
+pytestmark = pytest.mark.slow  # every test trains the tiny model, packed and alone
+
 
 def make_runner(tiny_model, sort_data, folder: Path, extra: str = "") -> TrialRunner:
     text = config_text(tiny_model, *sort_data, "packed", DEFAULT_SPACE, DEFAULT_TRAINING, extra)

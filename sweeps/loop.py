@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from optuna.trial import TrialState
 from core.config import SweepConfig
 from core.store import Store
 from core.trial import TrialResult, TrialStatus
-from sweeps.executors.base import Executor, ExecutorCrashed, Finished, Lost, OnStep, TrialJob
+from sweeps.executors.base import Executor, Finished, Lost, OnStep, TrialJob
 from sweeps.space import suggest, trial_params
 from sweeps.study import (
     FINISHED_STATES,
@@ -106,6 +108,35 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     return {"number": best.number, "value": best.values[0], "params": best.params}
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT / SIGTERM until the block is done, then act on them as the process would have.
+
+    Claiming a trial writes several records (the Optuna trial, its owner, its MLflow run) and so
+    does recording its end; an interrupt between two of them would leave a trial that no clean-up
+    recognises as this process's. Held for milliseconds, never across a trial.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda number, frame: received.append(number))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 @dataclass
 class _Running:
     job: TrialJob
@@ -147,14 +178,21 @@ class _Sweep:
 
     def claim(self) -> TrialJob | None:
         """Ask the study for a new trial, or None when finished plus running trials reach the target."""
+        with _interrupts_held():
+            return self._claim()
+
+    def _claim(self) -> TrialJob | None:
         with self._claim_lock():
             live = self.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
             if len(live) >= self.target:
                 return None
             # Seeded per trial number: reproducible, and distinct across processes and resumes
             # (numbers are unique), where one seeded sampler per process would replay its draws.
-            number = len(self.study.get_trials(deepcopy=False))
-            self.study.sampler = make_sampler(self.config, seed_offset=number)
+            if self.config.sampler.type != "grid":
+                # A grid sampler instead keeps its one seed: it deals grid points by trial number
+                # from an order shuffled with that seed, and a new order per trial would repeat points.
+                number = len(self.study.get_trials(deepcopy=False))
+                self.study.sampler = make_sampler(self.config, seed_offset=number)
             trial = self.study.ask()
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
@@ -185,6 +223,10 @@ class _Sweep:
 
     def finish(self, number: int, result: TrialResult) -> None:
         """Record a trial's end in MLflow (first: once the adapter is stored no result is lost) and Optuna."""
+        with _interrupts_held():
+            self._finish(number, result)
+
+    def _finish(self, number: int, result: TrialResult) -> None:
         entry = self.running.pop(number)
         job = entry.job
         try:
@@ -251,15 +293,22 @@ class _Sweep:
         self.summarise()
 
     def close_running(self, status: TrialStatus, reason: str) -> None:
-        """Close every trial still running in this invocation (an interrupt, a crash)."""
-        for number, entry in list(self.running.items()):
-            if status == TrialStatus.KILLED:
-                self.tracker.kill_trial(entry.job.run_id, reason)
-            else:
-                self.tracker.fail_run(entry.job.run_id, reason)
-            with contextlib.suppress(RuntimeError):  # already finished in the study
-                self.study.tell(number, state=TrialState.FAIL)
-            del self.running[number]
+        """Close every trial this process left running (an interrupt, a crash), in both stores.
+
+        Read from the study, not from `running`: an interrupt may land between asking for a trial
+        and handing it to the executor, or between a trial's two records.
+        """
+        host, pid = socket.gethostname(), os.getpid()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("host") != host or trial.user_attrs.get("pid") != pid:
+                continue
+            run_id = trial.user_attrs.get("mlflow_run_id") or self.tracker.run_of_trial(trial.number)
+            if run_id is not None and status == TrialStatus.KILLED:
+                self.tracker.kill_trial(run_id, reason)
+            elif run_id is not None:
+                self.tracker.fail_run(run_id, reason)
+            self.study.tell(trial.number, state=TrialState.FAIL)
+        self.running.clear()
 
     def close_orphans(self, reason: str) -> list[int]:
         """Fail the trials of dead processes (a kill -9 of an earlier run) and queue their retries."""
@@ -291,6 +340,13 @@ class _Sweep:
         self.tracker.summarise(
             count_states(self.study), best_summary(self.study), {"worker_restarts": self.restarts}
         )
+
+
+def _close_quietly(runner: Executor | None) -> None:
+    """Stop an executor on the way out of a failed sweep; its own error must not hide the first one."""
+    if runner is not None:
+        with contextlib.suppress(Exception):
+            runner.close(interrupted=True)
 
 
 def run_sweep(
@@ -325,9 +381,9 @@ def run_sweep(
     observer.sweep_started(before, sweep.target)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = "FINISHED"
-    runner = executor(sweep.tracker.parent_id, observer.trial_step)
-    closed = False
+    runner: Executor | None = None
     try:
+        runner = executor(sweep.tracker.parent_id, observer.trial_step)
         while True:
             outcome.timed_out = deadline is not None and time.monotonic() >= deadline
             claiming = not outcome.timed_out and not sweep.over_failure_budget
@@ -351,22 +407,27 @@ def run_sweep(
                     outcome.ran.append(event.number)
                     sweep.restarts += 1
                     sweep.lose(event.number, event.reason)
+        runner.close()
         if sweep.over_failure_budget:
             status = "FAILED"
             raise sweep.too_many_failures()
     except KeyboardInterrupt:
-        status, closed = "KILLED", True
-        runner.close(interrupted=True)
+        status = "KILLED"
+        _close_quietly(runner)
         sweep.close_running(TrialStatus.KILLED, "interrupted (SIGINT/SIGTERM)")
         raise
-    except ExecutorCrashed as exc:
-        status, closed = "FAILED", True
-        runner.close(interrupted=True)
-        sweep.close_running(TrialStatus.FAILED, f"the sweep crashed: {str(exc).strip().splitlines()[-1]}")
+    except TooManyFailures:
+        raise
+    except BaseException as exc:
+        # A crash of our own code (ExecutorCrashed) or anything unforeseen: nothing stays RUNNING.
+        status = "FAILED"
+        _close_quietly(runner)
+        lines = str(exc).strip().splitlines()
+        sweep.close_running(
+            TrialStatus.FAILED, f"the sweep crashed: {lines[-1] if lines else type(exc).__name__}"
+        )
         raise
     finally:
-        if not closed:
-            runner.close()
         sweep.summarise()
         sweep.tracker.close_sweep(status)
     outcome.finished = finished_count(sweep.study)

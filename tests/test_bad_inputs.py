@@ -207,7 +207,10 @@ def test_a_model_name_that_is_no_valid_hub_id(space_file):
 
 
 def test_a_missing_model_folder_names_the_yaml_line(project):
-    shutil.copy(REPO / "search_spaces" / "demo.yaml", project / "demo.yaml")  # without demo/model
+    shutil.copy(REPO / "search_spaces" / "demo.yaml", project / "demo.yaml")
+    (project / "demo").mkdir()  # the data, without demo/model
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(REPO / "search_spaces" / "demo" / name, project / "demo" / name)
     line = error_line(sweep("run", "demo.yaml", "--trials", 1))
     assert line.startswith(
         "error: demo.yaml:5: model.name_or_path: cannot load 'demo/model': no folder demo/model"

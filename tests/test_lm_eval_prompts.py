@@ -130,6 +130,7 @@ def objective_run(demo_model, gsm8k_files) -> tuple[list[str], list[str], dict[s
 
 
 @needs_gsm8k
+@pytest.mark.slow
 def test_prompts_equal_lm_eval_gsm8k_prompts_shots_included(harness_samples, objective_run):
     _, samples = harness_samples
     prompts, _, _ = objective_run
@@ -141,6 +142,7 @@ def test_prompts_equal_lm_eval_gsm8k_prompts_shots_included(harness_samples, obj
 
 
 @needs_gsm8k
+@pytest.mark.slow
 def test_generation_stops_at_lm_eval_until_strings(harness_samples):
     _, samples = harness_samples
     (until,) = {tuple(sample["arguments"][0][1]["until"]) for sample in samples["strict-match"]}
@@ -148,6 +150,7 @@ def test_generation_stops_at_lm_eval_until_strings(harness_samples):
 
 
 @needs_gsm8k
+@pytest.mark.slow
 def test_continuations_equal_lm_eval_continuations(harness_samples, objective_run):
     _, samples = harness_samples
     _, continuations, _ = objective_run
@@ -155,6 +158,7 @@ def test_continuations_equal_lm_eval_continuations(harness_samples, objective_ru
 
 
 @needs_gsm8k
+@pytest.mark.slow
 def test_extracted_answers_equal_lm_eval_filtered_answers(harness_samples, objective_run):
     _, samples = harness_samples
     _, continuations, _ = objective_run
@@ -168,6 +172,7 @@ def test_extracted_answers_equal_lm_eval_filtered_answers(harness_samples, objec
 
 
 @needs_gsm8k
+@pytest.mark.slow
 def test_scores_equal_lm_eval_strict_match_and_flexible_extract(harness_samples, objective_run):
     results, _ = harness_samples
     _, _, metrics = objective_run

@@ -12,6 +12,8 @@ from core.trial import TrialParams, TrialStatus
 from runners.sft import TrialCallbacks, TrialRunner
 from tests.conftest import DEFAULT_SPACE, DEFAULT_TRAINING, config_text
 
+pytestmark = pytest.mark.slow  # every test trains the tiny model through TRL
+
 
 @pytest.fixture(scope="module")
 def runner(tiny_model, sort_data, tmp_path_factory) -> TrialRunner:

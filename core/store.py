@@ -55,6 +55,11 @@ class Store:
         return self.root / "promoted"
 
     @property
+    def reports(self) -> Path:
+        """Parent folder of sweep reports (`sweep report`): one self-contained folder a sweep."""
+        return self.root / "reports"
+
+    @property
     def ray(self) -> Path:
         """Ray's own logs and state for sweeps run on Ray."""
         return self.root / "ray"

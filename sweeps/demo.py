@@ -1,11 +1,18 @@
-"""Build the offline demo: a tiny Llama, its tokenizer and a small number-sorting SFT task.
+"""Build the offline demo: a tiny Llama, its tokenizer and small arithmetic word problems in GSM8K's form.
 
 The repo ships the result under `search_spaces/demo/` so `sweep demo` needs no network; tests use
 the same builders to make their own tiny model. Rebuild with `python -m sweeps.demo search_spaces/demo`.
 
-The base model is pretrained for a few hundred steps on copying and reversing number lists, then
-the demo sweep fine-tunes it to *sort* them: a new skill, so learning rate, rank and method move the
-eval loss a lot, and different trials score visibly differently.
+The base model is pretrained to solve one-digit sums two ways: "Compute 7 - 3." answered with the
+working and GSM8K's final line ("7 - 3 = 4\n#### 4"), and word problems ("Ann has 7 pens and gives
+away 3. ...") answered with the working alone. The demo sweep fine-tunes it on word problems
+answered in GSM8K's form and scores it with the `gsm8k` objective (strict match: the `#### n` line
+must be there and right). The base model scores 0; a trial that learns to put the two skills together
+without breaking them scores close to 1, and one whose learning rate is too low (nothing learnt) or
+too high (the sums forgotten) stays near 0, so the method and learning rate visibly decide it.
+
+The tokenizer and the model's shape are those of the earlier number-list demo (the tokenizer is
+trained on the same copy / reverse / sort rows), so tests that rely on them keep their figures.
 """
 
 from __future__ import annotations
@@ -52,6 +59,56 @@ def pretrain_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+NAMES = ("Tom", "Ann", "Bo", "Eva", "Sam", "Lu")
+THINGS = ("apples", "pens", "cards", "shells", "eggs", "coins")
+
+
+def _sum(rng: random.Random) -> tuple[int, str, int, int]:
+    """A one-digit sum or difference with a result >= 0: (a, operator, b, result)."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return a, "+", b, a + b
+    a = rng.randint(0, 9)
+    b = rng.randint(0, a)
+    return a, "-", b, a - b
+
+
+def _story(rng: random.Random, a: int, op: str, b: int) -> str:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    change = f"gets {b} more" if op == "+" else f"gives away {b}"
+    return f"{name} has {a} {thing} and {change}. How many {thing} does {name} have now?"
+
+
+def word_problem_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """`n` GSM8K rows (question, answer ending in '#### n') of one-digit word problems."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, op, b, result = _sum(rng)
+        rows.append({"question": _story(rng, a, op, b), "answer": f"{a} {op} {b} = {result}\n#### {result}"})
+    return rows
+
+
+def arithmetic_pretrain_examples(n: int, seed: int) -> list[tuple[str, str]]:
+    """`n` (user, assistant) turns of the base model's two prior skills, half each.
+
+    Bare sums come with GSM8K's final line, word problems with the working only: the model knows
+    the form and the problems, but has never answered a word problem in that form.
+    """
+    from core.rows import QUESTION_TEMPLATE
+
+    rng = random.Random(seed)
+    turns = []
+    for index in range(n):
+        a, op, b, result = _sum(rng)
+        working = f"{a} {op} {b} = {result}"
+        if index % 2 == 0:
+            turns.append((f"Compute {a} {op} {b}.", f"{working}\n#### {result}"))
+        else:
+            turns.append((QUESTION_TEMPLATE.format(question=_story(rng, a, op, b)), working))
+    return turns
+
+
 def build_tokenizer(corpus: list[str]):
     """A byte-level BPE tokenizer trained on `corpus`, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -78,8 +135,12 @@ def build_tokenizer(corpus: list[str]):
     )
 
 
-def build_tiny_model(out_dir: Path, pretrain_steps: int = 400, seed: int = 0) -> Path:
-    """Write a tiny Llama (about 0.1M parameters) and its tokenizer to `out_dir` as safetensors."""
+def build_tiny_model(out_dir: Path, pretrain_steps: int = 1500, seed: int = 0) -> Path:
+    """Write a tiny Llama (about 0.1M parameters) and its tokenizer to `out_dir` as safetensors.
+
+    With `pretrain_steps` it is first trained on `arithmetic_pretrain_examples`; with 0 its weights
+    stay random (what most tests want: fast, and no skill to hide a bug).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,8 +148,8 @@ def build_tiny_model(out_dir: Path, pretrain_steps: int = 400, seed: int = 0) ->
     from core.rows import Example
     from runners.data import CHATML_TEMPLATE, tokenize_example
 
-    rows = pretrain_rows(2000, seed)
-    corpus = [" ".join(row.values()) for row in rows + sort_rows(200, seed + 1)]
+    # The number-list corpus of the first demo: keeps the tokenizer (and its ids) as it was.
+    corpus = [" ".join(row.values()) for row in pretrain_rows(2000, seed) + sort_rows(200, seed + 1)]
     tokenizer = build_tokenizer(corpus)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -107,13 +168,8 @@ def build_tiny_model(out_dir: Path, pretrain_steps: int = 400, seed: int = 0) ->
     model = LlamaForCausalLM(config)
     if pretrain_steps:
         examples = [
-            Example(
-                (
-                    {"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"},
-                    {"role": "assistant", "content": row["output"]},
-                )
-            )
-            for row in rows
+            Example(({"role": "user", "content": user}, {"role": "assistant", "content": reply}))
+            for user, reply in arithmetic_pretrain_examples(4000, seed)
         ]
         encoded = [tokenize_example(tokenizer, CHATML_TEMPLATE, ex) for ex in examples]
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -141,8 +197,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def build_demo(root: Path, seed: int = 0) -> None:
     """Everything `search_spaces/demo.yaml` points at: model/, train.jsonl, eval.jsonl."""
     build_tiny_model(root / "model", seed=seed)
-    write_jsonl(root / "train.jsonl", sort_rows(320, seed + 2))
-    write_jsonl(root / "eval.jsonl", sort_rows(64, seed + 3))
+    write_jsonl(root / "train.jsonl", word_problem_rows(320, seed + 2))
+    write_jsonl(root / "eval.jsonl", word_problem_rows(64, seed + 3))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from core.dataset_info import DatasetEntry, EntryProblem, RowLayout, resolve_entry
 from core.errors import InputError
 from core.objectives import OBJECTIVES
 from core.trial import PARAM_NAMES, TrialParams
@@ -82,10 +83,20 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the SFT examples are and how they become chat messages."""
+    """Where the SFT examples are and how they become chat messages.
 
-    format: Literal["alpaca", "sharegpt", "messages", "gsm8k"]
-    train_file: Path
+    Either `format` and `train_file`, or `dataset_info` and `dataset` (an entry of a LLaMA-Factory
+    dataset registry, which gives the file, the format and the row keys).
+    """
+
+    format: Literal["alpaca", "sharegpt", "messages", "gsm8k"] | None = None
+    train_file: Path | None = None
+    dataset_info: Path | None = Field(None, description="a LLaMA-Factory dataset_info.json")
+    dataset: str | None = Field(None, description="the dataset_info entry to train on")
+    eval_dataset: str | None = Field(None, description="a dataset_info entry to evaluate on")
+    mask_history: bool = Field(
+        False, description="multi-turn rows: train the last assistant turn only (default: every turn)"
+    )
     eval_file: Path | None = None
     eval_split: float = Field(0.1, gt=0, lt=1, description="share of train held out when eval_file is unset")
     system_prompt: str | None = None
@@ -94,6 +105,20 @@ class DataConfig(_Section):
     )
     max_samples: int | None = Field(None, gt=0)
     seed: int = 0
+
+    # The dataset_info entries, resolved by the loader (train, eval).
+    _entries: dict[str, DatasetEntry] = PrivateAttr(default_factory=dict)
+
+    def row_format(self, split: Literal["train", "eval"]) -> tuple[str, RowLayout]:
+        """The format and row layout of the train or eval file."""
+        entry = self._entries.get(split) or self._entries.get("train")
+        if entry is not None:
+            return entry.format, entry.layout
+        return self.format, RowLayout()
+
+    def entry(self, split: Literal["train", "eval"]) -> DatasetEntry | None:
+        """The dataset_info entry the train or eval file comes from, if any."""
+        return self._entries.get(split)
 
 
 class ObjectiveConfig(_Section):
@@ -350,6 +375,10 @@ class TrackingConfig(_Section):
     experiment: str | None = None
     artifact_location: str = "mlruns/artifacts"
     log_adapter: bool = True
+    system_metrics: Literal["auto"] | bool = Field(
+        "auto", description="CPU, RAM and GPU time series per trial run; auto: on when a GPU is visible"
+    )
+    system_metrics_interval: float = Field(5.0, gt=0, description="seconds between system metric samples")
 
 
 class SweepConfig(_Section):
@@ -666,6 +695,45 @@ def _check_training(cfg: SweepConfig, err) -> None:
             raise err(("training", name), f"{value!r} is not valid: {reason}")
 
 
+def _resolve_data_source(cfg: SweepConfig, base: Path, err) -> None:
+    """Either format + train_file, or a LLaMA-Factory dataset_info.json entry that gives both."""
+    data = cfg.data
+    if data.dataset_info is None:
+        for field in ("dataset", "eval_dataset"):
+            if getattr(data, field) is not None:
+                raise err(("data", field), "names a dataset_info entry: set data.dataset_info too")
+        for field in ("format", "train_file"):
+            if getattr(data, field) is None:
+                raise err(
+                    ("data", field), "is required (or name a dataset_info.json entry: dataset_info, dataset)"
+                )
+        return
+    for field in ("format", "train_file"):
+        if getattr(data, field) is not None:
+            raise err(("data", field), "comes from the dataset_info entry; remove it or remove dataset_info")
+    if data.dataset is None:
+        raise err(("data", "dataset"), "is required with dataset_info: the name of an entry in it")
+    if data.eval_dataset is not None and data.eval_file is not None:
+        raise err(("data", "eval_dataset"), "set eval_dataset or eval_file, not both")
+    data.dataset_info = (base / data.dataset_info).expanduser().resolve()
+    if not data.dataset_info.is_file():
+        raise err(("data", "dataset_info"), f"file not found: {data.dataset_info}")
+    for split, field in (("train", "dataset"), ("eval", "eval_dataset")):
+        name = getattr(data, field)
+        if name is None:
+            continue
+        try:
+            entry = resolve_entry(data.dataset_info, name)
+        except EntryProblem as exc:
+            raise err(("data", field), str(exc)) from None
+        data._entries[split] = entry
+    train = data._entries["train"]
+    # Paths are absolute already; _resolve_paths leaves them so.
+    data.format, data.train_file = train.format, train.file
+    if "eval" in data._entries:
+        data.eval_file = data._entries["eval"].file
+
+
 def _resolve_paths(cfg: SweepConfig, base: Path) -> None:
     """Relative data paths resolve against the YAML's folder, so a space file and its data travel together."""
     data = cfg.data
@@ -815,6 +883,7 @@ def parse_config(text: str, file: Path) -> SweepConfig:
     _check_tracking(cfg, err)
     _check_chat_template(cfg, err)
     _check_multi_objective(cfg, err)
+    _resolve_data_source(cfg, file.parent, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file
     cfg._lines = {_dotted(loc): line for loc, line in lines.items() if loc}

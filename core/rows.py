@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import DataConfig, decode_utf8
+from core.dataset_info import RowLayout
 from core.errors import InputError
 
 # GSM8K's prompt (lm-eval's gsm8k.yaml doc_to_text). Training rows of `data.format: gsm8k` use it as
@@ -26,20 +27,16 @@ FINAL_ANSWER_LINE = re.compile(r"(?:^|\n)#### \S[^\n]*\s*$")
 
 Message = dict[str, str]
 
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
+PLAIN_LAYOUT = RowLayout()
 
 
 @dataclass(frozen=True)
 class Example:
-    """One SFT conversation; the loss covers the assistant turns only."""
+    """One SFT conversation; the loss covers the assistant turns only (the last one only with
+    `last_turn_only`, `data.mask_history`)."""
 
     messages: tuple[Message, ...]
+    last_turn_only: bool = False
 
 
 def _read_rows(path: Path) -> Iterable[tuple[int | None, int, Any]]:
@@ -80,19 +77,39 @@ def _text(row: dict, key: str, fail, required: bool = True) -> str | None:
     return value
 
 
-def _alpaca(row: dict, fail) -> list[Message]:
-    missing = [key for key in ("instruction", "output") if key not in row]
+def _history(row: dict, key: str | None, fail) -> list[Message]:
+    """Alpaca's `history`: [instruction, response] pairs of the turns before the row's own."""
+    value = row.get(key) if key else None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        fail(f"field {key!r} must be a list of [instruction, response] pairs")
+    messages = []
+    for position, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            fail(f"{key}[{position}] must be a pair of strings [instruction, response]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def _alpaca(row: dict, fail, layout: RowLayout) -> list[Message]:
+    missing = [key for key in (layout.prompt, layout.response) if key not in row]
     if missing:
-        fail(f"alpaca row needs 'instruction' and 'output' (optional: input, system); missing {missing}")
-    prompt = _text(row, "instruction", fail)
-    extra = _text(row, "input", fail, required=False)
+        optional = ", ".join(k for k in (layout.query, layout.system, layout.history) if k)
+        fail(
+            f"alpaca row needs {layout.prompt!r} and {layout.response!r} (optional: {optional}); "
+            f"missing {missing}"
+        )
+    prompt = _text(row, layout.prompt, fail)
+    extra = _text(row, layout.query, fail, required=False) if layout.query else None
     if extra:
-        prompt = f"{prompt}\n\n{extra}"
+        prompt = f"{prompt}{layout.query_separator}{extra}"
     messages = [
+        *_history(row, layout.history, fail),
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": _text(row, "output", fail)},
+        {"role": "assistant", "content": _text(row, layout.response, fail)},
     ]
-    system = _text(row, "system", fail, required=False)
+    system = _text(row, layout.system, fail, required=False) if layout.system else None
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
@@ -112,19 +129,31 @@ def _turns(turns: Any, role_key: str, text_key: str, roles: dict[str, str], fail
     return messages
 
 
-def _sharegpt(row: dict, fail) -> list[Message]:
-    if "conversations" not in row:
-        fail("sharegpt row needs 'conversations': [{from: human|gpt|system, value: ...}]")
-    messages = _turns(row["conversations"], "from", "value", _SHAREGPT_ROLES, fail)
+def _sharegpt(row: dict, fail, layout: RowLayout) -> list[Message]:
+    roles = layout.role_map()
+    if layout.messages not in row:
+        fail(
+            f"sharegpt row needs {layout.messages!r}: "
+            f"[{{{layout.role_tag}: {'|'.join(roles)}, {layout.content_tag}: ...}}]"
+        )
+    if layout.tools and row.get(layout.tools):
+        fail(f"field {layout.tools!r}: tool descriptions are not supported; remove them or the row")
+    messages = _turns(row[layout.messages], layout.role_tag, layout.content_tag, roles, fail)
     if not any(message["role"] == "user" for message in messages):
         # Chat templates render a reply with no prompt oddly or not at all; the model would learn
         # to answer nothing.
-        fail("sharegpt row has no user turn ('from': 'human'); a conversation needs a prompt to reply to")
-    system = _text(row, "system", fail, required=False)
-    return ([{"role": "system", "content": system}] if system else []) + messages
+        user = next(value for value, role in roles.items() if role == "user")
+        fail(
+            f"sharegpt row has no user turn ({layout.role_tag!r}: {user!r}); "
+            "a conversation needs a prompt to reply to"
+        )
+    system = _text(row, layout.system, fail, required=False) if layout.system else None
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
 
 
-def _messages(row: dict, fail) -> list[Message]:
+def _messages(row: dict, fail, layout: RowLayout) -> list[Message]:
     if "messages" not in row:
         fail("messages row needs 'messages': [{role: system|user|assistant, content: ...}]")
     roles = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -134,7 +163,7 @@ def _messages(row: dict, fail) -> list[Message]:
     return messages
 
 
-def _gsm8k(row: dict, fail) -> list[Message]:
+def _gsm8k(row: dict, fail, layout: RowLayout) -> list[Message]:
     # The user turn is the one the gsm8k objective's chat format sends, so a model trained on these
     # rows is scored on the prompt it learned from.
     problem = row_problem(row)
@@ -147,9 +176,18 @@ _CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages, 
 
 
 def read_examples(
-    path: Path, data_format: str, system_prompt: str | None, max_samples: int | None
+    path: Path,
+    data_format: str,
+    system_prompt: str | None,
+    max_samples: int | None,
+    layout: RowLayout = PLAIN_LAYOUT,
+    mask_history: bool = False,
 ) -> list[Example]:
-    """Validate every row of `path` and convert it to an `Example`; the first bad row raises `InputError`."""
+    """Validate every row of `path` and convert it to an `Example`; the first bad row raises `InputError`.
+
+    `layout` names the row keys (a LLaMA-Factory dataset_info entry's columns and tags);
+    `mask_history` trains each conversation's last assistant turn only.
+    """
     convert = _CONVERTERS[data_format]
     examples = []
     for line, index, row in _read_rows(path):
@@ -160,12 +198,13 @@ def read_examples(
 
         if not isinstance(row, dict):
             fail(f"a {data_format} row must be a JSON object")
-        messages = convert(row, fail)
+        messages = convert(row, fail, layout)
         if messages[-1]["role"] != "assistant":
             fail("the last turn must be the assistant's reply (it is what the model learns)")
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
-        examples.append(Example(tuple(messages)))
+        multi_turn = sum(message["role"] == "assistant" for message in messages) > 1
+        examples.append(Example(tuple(messages), last_turn_only=mask_history and multi_turn))
         if max_samples is not None and len(examples) >= max_samples:
             break
     if not examples:
@@ -181,10 +220,22 @@ class SplitExamples:
 
 def load_splits(data: DataConfig) -> SplitExamples:
     """Train and eval examples: from their own files, or a seeded hold-out of train."""
-    train = read_examples(data.train_file, data.format, data.system_prompt, data.max_samples)
+    train_format, train_layout = data.row_format("train")
+    train = read_examples(
+        data.train_file, train_format, data.system_prompt, data.max_samples, train_layout, data.mask_history
+    )
     if data.eval_file is not None:
+        eval_format, eval_layout = data.row_format("eval")
         return SplitExamples(
-            train, read_examples(data.eval_file, data.format, data.system_prompt, data.max_samples)
+            train,
+            read_examples(
+                data.eval_file,
+                eval_format,
+                data.system_prompt,
+                data.max_samples,
+                eval_layout,
+                data.mask_history,
+            ),
         )
     if len(train) < 2:
         raise InputError(

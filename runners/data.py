@@ -41,13 +41,25 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     return tokenizer.chat_template
 
 
-def _segments(tokenizer, template: str, messages: tuple[Message, ...]) -> list[tuple[str, bool]]:
+def _last_turn(tokenizer, template: str, messages: tuple[Message, ...]) -> list[tuple[str, bool]]:
+    prompt = render_chat(tokenizer, template, messages[:-1], add_generation_prompt=True)
+    full = render_chat(tokenizer, template, messages, add_generation_prompt=False)
+    return [(prompt, False), (full[len(prompt) :], True)]
+
+
+def _segments(
+    tokenizer, template: str, messages: tuple[Message, ...], last_turn_only: bool = False
+) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) pieces; assistant replies are trained.
 
-    Rendering each prefix and diffing is the template-agnostic way to find where replies start;
-    templates that rewrite earlier turns (e.g. drop past reasoning) break the prefix property, and
-    for those only the final reply is trained.
+    Every assistant reply is trained (as LLaMA-Factory does, history included), or with
+    `last_turn_only` (`data.mask_history`) the final one alone. Rendering each prefix and diffing is
+    the template-agnostic way to find where replies start; templates that rewrite earlier turns
+    (e.g. drop past reasoning) break the prefix property, and for those only the final reply is
+    trained.
     """
+    if last_turn_only:
+        return _last_turn(tokenizer, template, messages)
     pieces: list[tuple[str, bool]] = []
     done = ""
     for k, message in enumerate(messages):
@@ -56,19 +68,17 @@ def _segments(tokenizer, template: str, messages: tuple[Message, ...]) -> list[t
         prompt = render_chat(tokenizer, template, messages[:k], add_generation_prompt=True)
         full = render_chat(tokenizer, template, messages[: k + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            prompt = render_chat(tokenizer, template, messages[:-1], add_generation_prompt=True)
-            full = render_chat(tokenizer, template, messages, add_generation_prompt=False)
-            return [(prompt, False), (full[len(prompt) :], True)]
+            return _last_turn(tokenizer, template, messages)
         pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     return pieces
 
 
 def tokenize_example(tokenizer, template: str, example: Example) -> dict[str, list[int]]:
-    """input_ids and labels (-100 on everything but assistant replies) for one conversation."""
+    """input_ids and labels (-100 on everything but the trained assistant replies) for one conversation."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, trained in _segments(tokenizer, template, example.messages):
+    for text, trained in _segments(tokenizer, template, example.messages, example.last_turn_only):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
@@ -104,7 +114,12 @@ class TokenizedCache:
 
     @staticmethod
     def _key(tokenizer, template: str, examples: list[Example]) -> str:
-        return _fingerprint(tokenizer_fingerprint(tokenizer), template, [ex.messages for ex in examples])
+        # An example masked to its last turn keys differently; unmasked ones keep their old keys.
+        return _fingerprint(
+            tokenizer_fingerprint(tokenizer),
+            template,
+            [(ex.messages, True) if ex.last_turn_only else ex.messages for ex in examples],
+        )
 
     def full(self, tokenizer, template: str, examples: list[Example]) -> Dataset:
         """Every example tokenized, untruncated: built once, then from memory or disk."""

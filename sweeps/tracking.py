@@ -7,14 +7,16 @@ KILLED, never left RUNNING.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from core.config import SweepConfig
@@ -22,18 +24,29 @@ from core.trial import TrialParams, TrialResult
 
 _BATCH = 200
 
+# MLflow 3's experiment kind; the UI opens a "custom_model_development" ("Machine learning")
+# experiment on its runs, where an untagged one may be taken for GenAI and open on traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 
 def resolve_uri(uri: str) -> str:
-    """A tracking URI with a relative SQLite path made absolute against the working directory.
+    """A tracking URI with a relative SQLite path made absolute, and a patient SQLite lock wait.
 
     MLflow caches one store per URI string for the life of the process, so a relative
-    `sqlite:///mlruns/mlflow.db` would keep pointing at the first project used.
+    `sqlite:///mlruns/mlflow.db` would keep pointing at the first project used. Several processes
+    (the loop, its workers) write to one SQLite file; sqlite3's default 5 s wait for the write
+    lock fails under load with "database is locked", so the wait is raised to 60 s.
     """
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri.removeprefix("sqlite:///")).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return uri
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, _, query = uri.removeprefix("sqlite:///").partition("?")
+    if not path.startswith("/"):
+        path = str(Path(path).resolve())
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if "timeout=" not in query:
+        query = f"{query}&timeout=60" if query else "timeout=60"
+    return f"sqlite:///{path}?{query}"
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -46,7 +59,9 @@ class SweepTracker:
 
     def __init__(self, config: SweepConfig):
         self.config = config
-        self.client = MlflowClient(tracking_uri=resolve_uri(config.tracking.uri))
+        self.tracking_uri = resolve_uri(config.tracking.uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._datasets: list[DatasetInput] | None = None
         self.experiment_id = self._experiment()
         self.parent_id: str | None = None
         self._pending: dict[str, list[Metric]] = {}
@@ -55,10 +70,28 @@ class SweepTracker:
         name = self.config.experiment_name
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before the kind was set, or by hand
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         location = Path(self.config.tracking.artifact_location).resolve()
         location.mkdir(parents=True, exist_ok=True)
-        return self.client.create_experiment(name, artifact_location=location.as_uri())
+        return self.client.create_experiment(
+            name, artifact_location=location.as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+
+    def dataset_inputs(self) -> list[DatasetInput]:
+        """The train and eval data as MLflow dataset inputs, read once per tracker."""
+        if self._datasets is None:
+            self._datasets = dataset_inputs(self.config)
+        return self._datasets
+
+    def monitor_system(self, run_id: str) -> SystemMetrics | None:
+        """Start MLflow's system metrics monitor on a trial's run, when `tracking.system_metrics` says so."""
+        if not system_metrics_on(self.config):
+            return None
+        monitor = SystemMetrics(run_id, self.tracking_uri, self.config.tracking.system_metrics_interval)
+        monitor.start()
+        return monitor
 
     def find_parent(self) -> str | None:
         """The parent run of this sweep from an earlier invocation, if any."""
@@ -75,6 +108,9 @@ class SweepTracker:
         if existing is not None:
             self.parent_id = existing
             self.client.update_run(existing, status="RUNNING")
+            # Logged again on resume: MLflow keeps one input per dataset digest, and a changed
+            # file shows up as a second dataset.
+            self.client.log_inputs(existing, datasets=self.dataset_inputs())
             return existing
         run = self.client.create_run(
             self.experiment_id,
@@ -94,6 +130,7 @@ class SweepTracker:
             **{f"fixed.{key}": value for key, value in cfg.fixed_params().items()},
         }
         self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.log_inputs(self.parent_id, datasets=self.dataset_inputs())
         if cfg.source.is_file():
             self.client.log_artifact(self.parent_id, str(cfg.source), "config")
         return self.parent_id
@@ -134,7 +171,19 @@ class SweepTracker:
         )
         run_id = run.info.run_id
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.model_dump().items()])
+        self.client.log_inputs(run_id, datasets=self.dataset_inputs())
         return run_id
+
+    def run_of_trial(self, number: int) -> str | None:
+        """The child run of trial `number` under this sweep's parent, if one was opened."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`optuna.trial_number` = '{number}'"
+            ),
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """Queue step metrics (the loss curve); written in batches, not one request a step."""
@@ -219,3 +268,138 @@ class SweepTracker:
     def close_sweep(self, status: str) -> None:
         """FINISHED after a normal end, KILLED when interrupted, FAILED when the sweep gave up."""
         self.client.set_terminated(self.parent_id, status=status)
+
+
+def _digest(examples) -> str:
+    """A short fingerprint of the conversations a split holds (what the model sees, not the bytes)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example.messages, sort_keys=True).encode())
+        digest.update(b"\0" if not example.last_turn_only else b"\1")
+    return digest.hexdigest()[:12]
+
+
+def dataset_inputs(config: SweepConfig) -> list[DatasetInput]:
+    """The train and eval splits as MLflow dataset inputs: name, digest, source (the file), rows.
+
+    The context tag (`training` / `eval`, and `objective` for an objective's own eval file) is
+    what the UI's Dataset column shows beside the name. A held-out eval split names the train file
+    as its source, with the split in its name.
+    """
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from core.rows import load_splits
+
+    data = config.data
+    splits = load_splits(data)
+    entries = {split: data.entry(split) for split in ("train", "eval")}
+    eval_source = data.eval_file or data.train_file
+    named = {
+        "train": entries["train"].name if entries["train"] else Path(data.train_file).name,
+        "eval": (
+            entries["eval"].name
+            if entries["eval"]
+            else Path(data.eval_file).name
+            if data.eval_file
+            else f"{Path(data.train_file).name} (held-out {data.eval_split:g}, seed {data.seed})"
+        ),
+    }
+    inputs = []
+    for split, examples, source, context in (
+        ("train", splits.train, data.train_file, "training"),
+        ("eval", splits.eval, eval_source, "eval"),
+    ):
+        source_json = json.dumps({"uri": str(Path(source).resolve())})
+        dataset = MetaDataset(
+            get_dataset_source_from_json(source_json, "local"), name=named[split], digest=_digest(examples)
+        )
+        fields = dataset.to_dict()
+        entity = Dataset(
+            name=fields["name"],
+            digest=fields["digest"],
+            source_type=fields["source_type"],
+            source=fields["source"],
+            profile=json.dumps({"num_rows": len(examples), "format": data.row_format(split)[0]}),
+        )
+        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    scored = config.objective.eval_file
+    if scored and scored.endswith((".json", ".jsonl")) and Path(scored).is_file():
+        # The rows the objective scores trials on (gsm8k, ndcg): what decides the ranking.
+        raw = Path(scored).read_bytes()
+        lines = [line for line in raw.splitlines() if line.strip()]
+        rows = len(json.loads(raw)) if scored.endswith(".json") else len(lines)
+        entity = Dataset(
+            name=Path(scored).name,
+            digest=hashlib.sha256(raw).hexdigest()[:12],
+            source_type="local",
+            source=json.dumps({"uri": str(Path(scored).resolve())}),
+            profile=json.dumps({"num_rows": rows, "objective": config.objective.name}),
+        )
+        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "objective")]))
+    return inputs
+
+
+def system_metrics_on(config: SweepConfig) -> bool:
+    """`tracking.system_metrics`: true, false, or auto (on when a CUDA GPU is visible)."""
+    setting = config.tracking.system_metrics
+    if setting != "auto":
+        return bool(setting)
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class SystemMetrics:
+    """MLflow's `SystemMetricsMonitor` on one trial run: CPU, RAM, disk, network, and GPU with pynvml.
+
+    MLflow's monitor drops the samples of its last, unfinished interval when stopped, so a trial
+    shorter than one interval would have none; `stop` logs them as a last point.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str, interval_s: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # The monitor says "Started/Stopped monitoring" at INFO for every trial.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+
+    def start(self) -> None:
+        self.monitor.start()
+
+    def stop(self) -> None:
+        monitor = self.monitor
+        monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as exc:  # noqa: BLE001 - a lost sample never fails a trial
+            logging.getLogger(__name__).warning("last system metrics sample not logged: %s", exc)
+
+
+def save_servable(
+    model, tokenizer, path: Path, example_prompt: str, base_model_path: str | None = None
+) -> Path:
+    """Save `model` as an MLflow transformers-flavor model folder that `mlflow.pyfunc` and
+    `mlflow models serve` load (text generation; `max_new_tokens` etc. as predict params).
+
+    A peft model needs `base_model_path`, the base model's local folder: the folder then holds the
+    adapter alone and loads it onto that base. Without it MLflow 3.17 saves the peft-wrapped weights
+    as a plain model, and loading leaves the base weights uninitialised. Requirements are given,
+    not inferred: inference imports torchvision, which this project does not install.
+    """
+    import mlflow.transformers
+    from mlflow.models import infer_signature
+
+    params = {"max_new_tokens": 256, "do_sample": False}
+    mlflow.transformers.save_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        path=str(path),
+        task="text-generation",
+        signature=infer_signature([example_prompt], ["an answer"], params=params),
+        pip_requirements=["torch", "transformers", "accelerate", *(["peft"] if base_model_path else [])],
+        base_model_path=base_model_path,
+    )
+    return path

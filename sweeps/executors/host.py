@@ -44,8 +44,11 @@ class TrialHost:
         )
 
     def run(self, job: TrialJob, on_step: OnStep) -> TrialResult:
-        """Train and score `job`; the curve is written before the result is handed back."""
+        """Train and score `job`; the curve (and system metrics) are written before the result is handed back."""
+        monitor = self.tracker.monitor_system(job.run_id)
         try:
             return self.runner.run(job.params, Path(job.work_dir), self.callbacks(job, on_step), job.number)
         finally:
             self.tracker.flush(job.run_id)
+            if monitor is not None:
+                monitor.stop()

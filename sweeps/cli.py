@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,6 +155,8 @@ def _run(
             "[yellow]interrupted:[/] running trials are recorded as KILLED; run the same command to resume"
         )
         raise typer.Exit(130)
+    except InputError as exc:
+        _fail_input(exc)
     except TooManyFailures as exc:
         err_console.print(f"[red]sweep stopped:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1)
@@ -170,6 +173,19 @@ def _run(
             f"timeout reached with {outcome.finished}/{outcome.target} finished trials; run again to continue"
         )
     _print_best(config, outcome.best)
+    _refresh_report(config, store)
+
+
+def _refresh_report(config: SweepConfig, store: Store) -> None:
+    """Rewrite the sweep's report and its copy on the MLflow parent run; a plot error never fails the sweep."""
+    from sweeps.report import write_report
+
+    try:
+        report = write_report(config, store)
+    except Exception as exc:  # noqa: BLE001 - the trials are recorded; a broken picture is not worth exit 1
+        err_console.print(f"[yellow]report not written:[/] {escape(str(exc))}", soft_wrap=True)
+        return
+    console.print(f"report: {report.index}", highlight=False, soft_wrap=True)
 
 
 def _print_best(config: SweepConfig, best) -> None:
@@ -221,8 +237,34 @@ def demo(
         int | None, typer.Option(help="finished trials (default: the demo's budget)", callback=_at_least_one)
     ] = None,
 ) -> None:
-    """The embedded default: a real sweep of a tiny model on a sorting task, offline, on CPU."""
+    """The embedded default: a real sweep of a tiny model on small arithmetic word problems, offline, on CPU."""
     _run(_load(DEMO_CONFIG), trials, None)
+    console.print(
+        f"next: open the report above, or rewrite it with: sweep report {DEMO_CONFIG}\n"
+        "      browse every run in MLflow with: sweep ui  (http://127.0.0.1:5000)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def report(config: ConfigArg) -> None:
+    """Write a sweep's report: plots and one self-contained HTML page (also logged to MLflow)."""
+    cfg = _load(config)
+    quiet_libraries()
+    from sweeps.report import write_report
+
+    try:
+        written = write_report(cfg, Store.at())
+    except KeyError:
+        err_console.print(
+            f"[red]error:[/] no study named '{cfg.name}' yet; start it with: sweep run {cfg.source}"
+        )
+        raise typer.Exit(2)
+    for name, reason in written.skipped.items():
+        console.print(f"not drawn: {name} ({reason})", highlight=False, soft_wrap=True)
+    where = f"; logged on MLflow run {written.parent_run_id} under report/" if written.parent_run_id else ""
+    console.print(f"report: {written.index}{where}", highlight=False, soft_wrap=True)
 
 
 def _study_or_exit(config: SweepConfig):
@@ -230,6 +272,8 @@ def _study_or_exit(config: SweepConfig):
 
     try:
         return load_study(config, Store.at())
+    except InputError as exc:
+        _fail_input(exc)
     except KeyError:
         err_console.print(
             f"[red]error:[/] no study named '{config.name}' yet; start it with: sweep run {config.source}"
@@ -316,6 +360,25 @@ def _stop_group(server: subprocess.Popen, grace_s: float = 10.0) -> None:
     server.wait()
 
 
+def _browsable(host: str) -> str:
+    """The address a browser can open for a server bound to `host` (a wildcard means this machine)."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _experiment_link(config: SweepConfig, uri: str, host: str, port: int) -> str:
+    """The line pointing at the sweep's experiment page, or saying it has none yet."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(config.experiment_name)
+    if experiment is None:
+        name = config.experiment_name
+        return f"no MLflow experiment '{name}' yet; start it with: sweep run {config.source}"
+    link = f"http://{_browsable(host)}:{port}/#/experiments/{experiment.experiment_id}"
+    return f"sweep '{config.name}': {link}"
+
+
 @app.command()
 def ui(
     config: Annotated[Path | None, typer.Argument(help="a sweep's YAML, to use its tracking URI")] = None,
@@ -331,7 +394,8 @@ def ui(
     """
     from sweeps.tracking import resolve_uri
 
-    uri = resolve_uri(_load(config).tracking.uri if config else "sqlite:///mlruns/mlflow.db")
+    cfg = _load(config) if config else None
+    uri = resolve_uri(cfg.tracking.uri if cfg else "sqlite:///mlruns/mlflow.db")
     busy = _port_in_use(host, port)
     if busy is not None:
         err_console.print(
@@ -352,7 +416,9 @@ def ui(
         "--port",
         str(port),
     ]
-    console.print(f"MLflow UI on http://{host}:{port} (backend {uri})")
+    console.print(f"MLflow UI on http://{host}:{port} (backend {uri})", highlight=False, soft_wrap=True)
+    if cfg is not None:
+        console.print(_experiment_link(cfg, uri, host, port), highlight=False, soft_wrap=True)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -372,6 +438,88 @@ def ui(
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
     raise typer.Exit(code)
+
+
+@app.command()
+def dashboard(
+    config: ConfigArg,
+    host: Annotated[
+        str, typer.Option(help="interface to bind; 127.0.0.1 keeps it private to this machine")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
+) -> None:
+    """optuna-dashboard over the sweep's study (bound to 127.0.0.1 unless --host says otherwise)."""
+    cfg = _load(config)
+    try:
+        import optuna_dashboard
+    except ImportError:
+        err_console.print(
+            "[red]error:[/] optuna-dashboard is not installed; "
+            "install it with: pip install 'sweep\\[dashboard]'",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
+    store = Store.at()
+    if cfg.storage is None and not store.journal(cfg.name).is_file():
+        err_console.print(
+            f"[red]error:[/] no study named '{cfg.name}' yet; start it with: sweep run {cfg.source}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    busy = _port_in_use(host, port)
+    if busy is not None:
+        err_console.print(
+            f"[red]error:[/] --port: cannot serve on {host}:{port} ({busy}); pick a free one with --port",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    from sweeps.study import open_storage
+
+    storage = open_storage(cfg, store)
+    link = f"http://{_browsable(host)}:{port}/dashboard"
+    try:
+        link += f"/studies/{storage.get_study_id_from_name(cfg.name)}"
+    except KeyError:
+        pass  # an RDB storage without this study yet: the dashboard's study list
+    console.print(
+        f"Optuna dashboard of '{cfg.name}' on {link} (Ctrl-C stops it)", highlight=False, soft_wrap=True
+    )
+
+    server = _wsgi_server(host, port, optuna_dashboard.wsgi(storage))
+
+    def interrupt(signum, frame):
+        # shutdown() waits for serve_forever, which runs in this (the main) thread: ask from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        stopped.append(signum)
+
+    stopped: list[int] = []
+    previous = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, interrupt)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    raise typer.Exit(130 if stopped else 0)
+
+
+def _wsgi_server(host: str, port: int, wsgi_app):
+    """A threaded WSGI server without a log line per request; stopped cleanly by `shutdown()`."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+    return make_server(host, port, wsgi_app, server_class=Server, handler_class=Quiet)
 
 
 @app.command()

@@ -94,11 +94,12 @@ class Packed(Executor):
                 return []
             method = busy[self.turn % len(busy)]
             self.turn += 1
+            stepped = len(self.packs[method].active())
             try:
                 ended = self.packs[method].advance()
             except torch.OutOfMemoryError:
                 return self._shrink(method)
-            self._resize(method)
+            self._resize(method, stepped)
             events = self._finished(ended, pack=method)
         except KeyboardInterrupt:
             raise
@@ -124,21 +125,21 @@ class Packed(Executor):
         for job in waiting:
             self._add(job)
 
-    def _resize(self, method: str) -> None:
-        """Grow or shrink an auto pack to what the last step's peak memory says fits."""
-        if not (self.auto and torch.cuda.is_available()):
+    def _resize(self, method: str, stepped: int) -> None:
+        """Grow or shrink an auto pack to what the peak memory of steps with `stepped` trials says fits.
+
+        Counted before the steps, not after: trials that ended in them have left the pack already.
+        """
+        if not (self.auto and torch.cuda.is_available()) or not stepped:
             return
         pack = self.packs[method]
-        active = len(pack.active())
-        if not active:
-            return
         base_bytes = sum(
             p.numel() * p.element_size() for p in self.runner.models.base(method == "qlora").parameters()
         )
         total = torch.cuda.get_device_properties(0).total_memory
         self.capacity = min(
             pack.capacity,
-            auto_capacity(base_bytes, torch.cuda.max_memory_allocated(), active, total, self.capacity),
+            auto_capacity(base_bytes, torch.cuda.max_memory_allocated(), stepped, total, self.capacity),
         )
 
     def _shrink(self, method: str) -> list[Event]:

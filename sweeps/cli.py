@@ -145,6 +145,13 @@ def _run(
         runner = preflight(config, store)
     except InputError as exc:
         _fail_input(exc)
+    try:
+        from sweeps.study import open_storage
+
+        # Before the live view: a damaged journal is one line, not a line under an empty table.
+        open_storage(config, store)
+    except InputError as exc:
+        _fail_input(exc)
     stop_on_signals()
     executor = _executor(config, store, runner, on_ray, count, ray_address)
     try:

@@ -435,7 +435,7 @@ def _trial_run(config: SweepConfig, trial: FrozenTrial, uri: str):
     run_id = trial.user_attrs.get("mlflow_run_id")
     restore = "restore it, or start the sweep afresh (move mlruns/optuna away too)"
     if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
+        database = Path(uri.removeprefix("sqlite:///").partition("?")[0])
         if not database.is_file():
             raise InputError(
                 config.source,

@@ -26,6 +26,7 @@ def _imports(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # three fresh interpreters importing torch and transformers
 @pytest.mark.parametrize(
     ("code", "blocked"),
     [

@@ -32,7 +32,7 @@ from tests.conftest import config_text
 
 pytestmark = pytest.mark.slow  # every test promotes trials of a real sweep (or exports GPTQ)
 
-# The random sampler's seed 0 draws full, then LoRA (the fixture checks); a high fixed learning rate
+# A grid over the method gives one LoRA and one full trial (the fixture checks); a high fixed learning rate
 # makes the adapter move the logits well past the fp32 merge tolerance, so the check has teeth.
 SPACE = "method: {type: categorical, choices: [lora, full]}"
 TRAINING = "learning_rate: 5.0e-3\nlora_rank: 4\nmax_steps: 4\nper_device_batch_size: 8\ncutoff_len: 48"
@@ -52,7 +52,8 @@ def one_line_error(result) -> str:
 def swept(tmp_path_factory, tiny_model, sort_data) -> Path:
     """A project folder holding a finished two-trial sweep 'tiny' (one LoRA, one full trial)."""
     root = tmp_path_factory.mktemp("swept")
-    (root / "tiny.yaml").write_text(config_text(tiny_model, *sort_data, "tiny", SPACE, TRAINING, ""))
+    text = config_text(tiny_model, *sort_data, "tiny", SPACE, TRAINING, "")
+    (root / "tiny.yaml").write_text(text.replace("  type: random\n", "  type: grid\n"))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         result = sweep("run", "tiny.yaml", "--trials", 2)
@@ -318,7 +319,9 @@ def gpu_ready(monkeypatch):
     monkeypatch.setattr("sweeps.promote.gptq_unavailable_reason", lambda: None)
 
 
-def test_gptq_export_quantizes_the_merged_folder_and_records_the_delta(project, gpu_ready):
+def test_gptq_export_wiring_only_a_stand_in_quantizer_gets_the_merged_folder_and_the_delta_is_recorded(
+    project, gpu_ready
+):
     quantizer = StandInQuantizer()
     settings = GptqSettings(num_samples=8, max_seq_len=32)
     result = promote(load_config("tiny.yaml"), Store.at(), export="gptq", quantize=quantizer, gptq=settings)
@@ -344,7 +347,9 @@ def test_gptq_export_quantizes_the_merged_folder_and_records_the_delta(project, 
     assert tags["size.gptq_bytes"] == str(result.gptq_bytes)
 
 
-def test_a_failing_gptq_export_leaves_no_folder_and_no_version(project, gpu_ready):
+def test_gptq_export_wiring_only_a_failing_stand_in_quantizer_leaves_no_folder_and_no_version(
+    project, gpu_ready
+):
     with pytest.raises(RuntimeError, match="quantization failed"):
         promote(load_config("tiny.yaml"), Store.at(), export="gptq", quantize=StandInQuantizer(fail=True))
     assert list((project / "mlruns" / "promoted" / "tiny").iterdir()) == []

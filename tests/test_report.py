@@ -66,6 +66,7 @@ def _parent(project: Path):
     return parent
 
 
+@pytest.mark.slow  # reads a real 4-trial sweep
 def test_the_report_writes_every_plot_as_a_png_that_decodes(swept):
     folder = swept / "mlruns" / "reports" / "tiny"
     for name in PNGS:
@@ -74,6 +75,7 @@ def test_the_report_writes_every_plot_as_a_png_that_decodes(swept):
             assert image.width > 200 and image.height > 200, name
 
 
+@pytest.mark.slow  # reads a real 4-trial sweep
 def test_the_report_page_is_one_file_that_names_every_trial_and_embeds_every_plot(swept):
     page = (swept / "mlruns" / "reports" / "tiny" / "index.html").read_text(encoding="utf-8")
     for number in range(4):
@@ -85,11 +87,13 @@ def test_the_report_page_is_one_file_that_names_every_trial_and_embeds_every_plo
     assert "<script" not in page and "http://" not in page and "https://" not in page
 
 
+@pytest.mark.slow  # reads a real 4-trial sweep
 def test_the_report_is_logged_under_report_on_the_sweeps_parent_run(swept):
     paths = {a.path for a in _client(swept).list_artifacts(_parent(swept).info.run_id, "report")}
     assert paths == {"report/index.html", *(f"report/{name}.png" for name in PNGS)}
 
 
+@pytest.mark.slow  # reads a real 4-trial sweep
 def test_sweep_run_refreshes_the_report_when_it_finishes(swept):
     index = swept / "mlruns" / "reports" / "tiny" / "index.html"
     index.unlink()

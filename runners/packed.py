@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import math
-import shutil
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from core.eval import IGNORE_INDEX, EvalData, TokenizedSplit, pad_right
 from core.trial import Timings, TrialParams, TrialResult, TrialStatus
 from runners.memory import PeakMemory
 from runners.multilora import LRSchedule, MultiAdamW, MultiLoRA, lora_config
-from runners.sft import TrialCallbacks, TrialRunner
+from runners.sft import TrialCallbacks, TrialRunner, write_atomically
 
 
 class NonFiniteLoss(RuntimeError):
@@ -277,7 +276,10 @@ class PackedRunner:
         for trial in trials:
             batch = trial.train.dataset[trial.next_rows()]
             start = len(rows)
-            rows += [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
+            rows += [
+                {"input_ids": ids, "labels": labels}
+                for ids, labels in zip(batch["input_ids"], batch["labels"])
+            ]
             bounds.append((start, len(rows)))
             tokens.append(sum(len(ids) for ids in batch["input_ids"]))
         try:
@@ -403,18 +405,10 @@ class PackedRunner:
                 yield
 
     def _save(self, trial: _Trial) -> Path:
-        """Export the adapter to a temporary folder and rename it into place, as `TrialRunner` does."""
-        final = trial.output_dir / "adapter"
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            self._adapters.export(trial.slot, partial)
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        return final
+        """Export the adapter as an ordinary PEFT adapter folder, put into place atomically."""
+        return write_atomically(
+            trial.output_dir / "adapter", lambda partial: self._adapters.export(trial.slot, partial)
+        )
 
     def _finish(self, trial: _Trial, outcome: str | BaseException) -> tuple[int, TrialResult]:
         del self._trials[trial.slot]

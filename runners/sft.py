@@ -52,6 +52,24 @@ def _keep_going(value: float, step: int) -> bool:
     return True
 
 
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a temporary folder, then rename it to `final`; returns `final`.
+
+    A crash or a full disk mid-write leaves no folder a promotion could mistake for a finished
+    adapter: the partial one is removed, and a kill leaves only `*.partial`.
+    """
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
 @dataclass
 class TrialCallbacks:
     """Hooks a trial calls while it trains; the orchestrator decides what they do."""
@@ -212,27 +230,17 @@ class TrialRunner:
     def _save(
         self, model, tokenizer, params: TrialParams, output_dir: Path, trial_number: int | None
     ) -> Path:
-        """Write the adapter (or full weights) to a temporary folder and rename it into place.
+        """Write the adapter (or full weights) into place with `write_atomically`."""
 
-        A crash or a full disk mid-write leaves no folder a promotion could mistake for a finished
-        adapter: the partial one is removed, and a kill leaves only `*.partial`.
-        """
-        final = output_dir / ("model" if params.method == "full" else "adapter")
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
+        def write(partial: Path) -> None:
             model.save_pretrained(partial, safe_serialization=True)
             if params.method == "full":
                 tokenizer.save_pretrained(partial)
             fault = self._faults.get(trial_number)
             if fault is not None and fault.kind == "disk_full":
                 raise disk_full()
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        return final
+
+        return write_atomically(output_dir / ("model" if params.method == "full" else "adapter"), write)
 
     def run(
         self,

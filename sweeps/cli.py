@@ -340,6 +340,18 @@ def _print_pareto_front(config: SweepConfig, front) -> None:
     console.print(table)
 
 
+def _exit_if_port_busy(host: str, port: int) -> None:
+    """One line and exit 1 when `host:port` cannot be served, before any server starts."""
+    busy = _port_in_use(host, port)
+    if busy is not None:
+        err_console.print(
+            f"[red]error:[/] --port: cannot serve on {host}:{port} ({busy}); pick a free one with --port",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
 def _port_in_use(host: str, port: int) -> str | None:
     """Why `host:port` cannot be bound (the OS's words), or None when it is free."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -403,14 +415,7 @@ def ui(
 
     cfg = _load(config) if config else None
     uri = resolve_uri(cfg.tracking.uri if cfg else "sqlite:///mlruns/mlflow.db")
-    busy = _port_in_use(host, port)
-    if busy is not None:
-        err_console.print(
-            f"[red]error:[/] --port: cannot serve on {host}:{port} ({busy}); pick a free one with --port",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+    _exit_if_port_busy(host, port)
     command = [
         sys.executable,
         "-m",
@@ -475,14 +480,7 @@ def dashboard(
             soft_wrap=True,
         )
         raise typer.Exit(2)
-    busy = _port_in_use(host, port)
-    if busy is not None:
-        err_console.print(
-            f"[red]error:[/] --port: cannot serve on {host}:{port} ({busy}); pick a free one with --port",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+    _exit_if_port_busy(host, port)
     from sweeps.study import open_storage
 
     storage = open_storage(cfg, store)

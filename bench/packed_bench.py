@@ -584,9 +584,12 @@ def read_sweep(run_dir: Path, name: str, space: list[str]) -> dict[str, Any]:
                 "peak_mb": metrics.get("peak_memory_mb"),
                 "objective": metrics.get("objective"),
                 "error": (tags.get("error") or "")[:300] or None,
+                # MLflow's system metrics on the trial's run (issue 12: GPU ones on a GPU sweep).
+                "system_metrics": {k: v for k, v in metrics.items() if k.startswith("system/gpu")},
             }
         )
     out["trials"] = sorted(trials, key=lambda t: t["number"])
+    out["trials_with_gpu_system_metrics"] = sum(bool(t["system_metrics"]) for t in trials)
     return out
 
 
@@ -1014,7 +1017,7 @@ class Bench:
                 continue
             start = time.time()
             code, wall, output = self.spawn(
-                [sys.executable, str(path)], scratch, f"probe {script}", env, capture=True
+                [sys.executable, str(path.resolve())], scratch, f"probe {script}", env, capture=True
             )
             figures = []
             for line in output.splitlines():

@@ -5,6 +5,8 @@ Shared by the runners (which build it) and the objectives (which read it), so ne
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,7 +36,6 @@ def render_chat(tokenizer, template: str, messages, add_generation_prompt: bool)
     return tokenizer.apply_chat_template(
         list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-
 
 
 def prompt_text(tokenizer, template: str, example: Example) -> str:
@@ -88,7 +89,17 @@ class EvalData:
         return EvalData(self.examples[:n], tokenized, self.chat_template, limit=n)
 
 
+RowRouter = Callable[[Sequence[int]], AbstractContextManager]
+"""Given which of several adapters each row of the next batch is for (0, 1, ...), a context in
+which the model runs each row through that adapter: how packed trials are scored together."""
+
+
 class Objective(Protocol):
-    """Scores a trained model; knows nothing of how it was trained."""
+    """Scores a trained model; knows nothing of how it was trained.
+
+    An objective may also offer `score_many(model, tokenizer, data, adapters, route) -> list[Score]`:
+    the scores of `adapters` adapters held by one model at once, each batch holding rows for
+    several of them, routed by `route`. Packed trials that finish together are scored that way.
+    """
 
     def score(self, model, tokenizer, data: EvalData) -> Score: ...

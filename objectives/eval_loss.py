@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
 from core.config import ObjectiveConfig
-from core.eval import IGNORE_INDEX, EvalData, Score, pad_right
+from core.eval import IGNORE_INDEX, EvalData, RowRouter, Score, pad_right
 
 _CHUNK_TOKENS = 1024
 
 
-def _summed_loss(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor) -> float:
-    """Summed cross-entropy of the labelled positions, projecting only those through the LM head.
+def _row_losses(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each row's labelled positions, projecting only those through the LM head.
 
     Full fp32 logits of a 150k vocabulary cost about 5 GB per 8 x 1024 batch, more than training
     itself at small batches; taking the last hidden states and projecting the labelled positions in
@@ -22,12 +23,13 @@ def _summed_loss(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Te
     config = model.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        return torch.nn.functional.cross_entropy(
+        per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)),
             shifted.reshape(-1),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        ).item()
+            reduction="none",
+        )
+        return per_token.view(shifted.shape).sum(dim=1)
     outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
     keep = shifted != IGNORE_INDEX
     head = model.get_output_embeddings()
@@ -35,13 +37,15 @@ def _summed_loss(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Te
     # hidden states included; the head takes them in its own dtype.
     hidden = outputs.hidden_states[-1][:, :-1][keep].to(next(head.parameters()).dtype)
     targets = shifted[keep]
-    total = 0.0
+    owner = keep.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(ids.shape[0], device=ids.device)
     for start in range(0, hidden.size(0), _CHUNK_TOKENS):
-        logits = head(hidden[start : start + _CHUNK_TOKENS]).float()
-        total += torch.nn.functional.cross_entropy(
-            logits, targets[start : start + _CHUNK_TOKENS], reduction="sum"
-        ).item()
-    return total
+        end = start + _CHUNK_TOKENS
+        losses = torch.nn.functional.cross_entropy(
+            head(hidden[start:end]).float(), targets[start:end], reduction="none"
+        )
+        sums.index_add_(0, owner[start:end], losses)
+    return sums
 
 
 class EvalLoss:
@@ -54,24 +58,41 @@ class EvalLoss:
     def __init__(self, config: ObjectiveConfig):
         self.batch_size = config.batch_size
 
-    @torch.no_grad()
     def score(self, model, tokenizer, data: EvalData) -> Score:
+        return self._losses(model, tokenizer, data, 1, None)[0]
+
+    def score_many(self, model, tokenizer, data: EvalData, adapters: int, route: RowRouter) -> list[Score]:
+        """`score` for each of `adapters` adapters of one model; each batch holds its rows once per adapter."""
+        return self._losses(model, tokenizer, data, adapters, route)
+
+    @torch.no_grad()
+    def _losses(
+        self, model, tokenizer, data: EvalData, adapters: int, route: RowRouter | None
+    ) -> list[Score]:
         rows = sorted(data.tokenized.dataset, key=lambda row: len(row["input_ids"]))
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        total_loss, total_tokens = 0.0, 0
+        totals = torch.zeros(adapters, dtype=torch.float64)
+        total_tokens = 0
         for start in range(0, len(rows), self.batch_size):
             batch = pad_right(rows[start : start + self.batch_size], tokenizer.pad_token_id)
-            shifted = batch["labels"][:, 1:].to(device)
-            total_loss += _summed_loss(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), shifted
-            )
+            n = batch["input_ids"].shape[0]
+            shifted = batch["labels"][:, 1:]
+            repeated = {key: value.repeat(adapters, 1).to(device) for key, value in batch.items()}
+            with route([k for k in range(adapters) for _ in range(n)]) if route else nullcontext():
+                per_row = _row_losses(
+                    model, repeated["input_ids"], repeated["attention_mask"], repeated["labels"][:, 1:]
+                )
+            totals += per_row.view(adapters, n).sum(dim=1).double().cpu()
             total_tokens += int((shifted != IGNORE_INDEX).sum())
         if was_training:
             model.train()
-        mean = total_loss / max(total_tokens, 1)
+        return [self._scored(float(total) / max(total_tokens, 1), total_tokens) for total in totals]
+
+    @staticmethod
+    def _scored(mean: float, tokens: int) -> Score:
         return Score(
             mean,
-            {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens},
+            {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens},
         )

@@ -21,7 +21,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +29,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from core.errors import InputError
+from core.eval import RowRouter
 
 if TYPE_CHECKING:
     from core.config import ObjectiveConfig
@@ -74,6 +75,7 @@ def generate(
     cache_implementation: Literal["dynamic", "static"] = "dynamic",
     compile: bool = False,
     prefill_chunk: int | None = PREFILL_CHUNK,
+    route: RowRouter | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts`, in input order, each cut at its first stop string.
 
@@ -91,6 +93,7 @@ def generate(
     Face's static KV cache and its compiled decode step (CUDA only; compiling costs time up front
     and again for every new model, such as each trial's adapter, so it pays only on large eval
     sets). Prompts longer than `prefill_chunk` tokens are prefilled in chunks of that size.
+    `route` (Hugging Face only) is entered around each batch with the indices of its prompts.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -112,20 +115,27 @@ def generate(
         cache_implementation,
         compile,
         prefill_chunk,
+        route,
     )
 
 
 def generate_for_objective(
-    config: ObjectiveConfig, model, tokenizer, prompts: list[str], stop: Sequence[str]
+    config: ObjectiveConfig,
+    model,
+    tokenizer,
+    prompts: list[str],
+    stop: Sequence[str],
+    route: RowRouter | None = None,
 ) -> list[str]:
     """`generate` with an objective's settings: backend, max_new_tokens, batch size, prompt budget.
 
     With `backend: vllm` a LoRA trial's adapter is saved to a temporary folder and served by one
     vLLM engine over the base model, kept for the whole sweep; a fully fine-tuned model, which vLLM
-    could only load as a new engine per trial, goes through Hugging Face instead.
+    could only load as a new engine per trial, goes through Hugging Face instead, as do several
+    adapters of one model routed by `route` (packed trials scored together).
     """
     budget = config.max_length - config.max_new_tokens
-    lora_base = _peft_base_path(model) if config.backend == "vllm" else None
+    lora_base = _peft_base_path(model) if config.backend == "vllm" and route is None else None
     if lora_base is None:
         # A static KV cache halved generation time on the GPU (bench/RESULTS.md: 13.4 s vs 25.1 s
         # for 1319 GSM8K-length prompts); compiling it is left off, as it would recompile per trial.
@@ -139,6 +149,7 @@ def generate_for_objective(
             config.generation_batch_size,
             max_prompt_tokens=budget,
             cache_implementation="static" if on_cuda else "dynamic",
+            route=route,
         )
     encoded = _encode(tokenizer, prompts, budget)
     with tempfile.TemporaryDirectory(prefix="sweep-adapter-") as adapter:
@@ -300,6 +311,9 @@ def _first_batch_size(
     if per_row is None:
         return min(CPU_BATCH_SIZE, rows)
     free, _ = torch.cuda.mem_get_info(device)
+    # Memory this process's allocator holds but does not use (a training step's activations,
+    # cached for the next step) is free to generation too; the driver counts it as taken.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(1, min(rows, int(free * GPU_MEMORY_SHARE) // per_row))
 
 
@@ -314,6 +328,7 @@ def _generate_hf(
     cache_implementation: str,
     compile: bool,
     prefill_chunk: int | None,
+    route: RowRouter | None,
 ) -> list[str]:
     if not encoded:
         return []
@@ -355,17 +370,18 @@ def _generate_hf(
             rows = order[start : start + size]
             out_of_memory = False
             try:
-                texts = _generate_batch(
-                    model,
-                    tokenizer,
-                    [encoded[i] for i in rows],
-                    device,
-                    pad,
-                    ends,
-                    matcher,
-                    settings,
-                    prefill_chunk,
-                )
+                with route(rows) if route is not None else nullcontext():
+                    texts = _generate_batch(
+                        model,
+                        tokenizer,
+                        [encoded[i] for i in rows],
+                        device,
+                        pad,
+                        ends,
+                        matcher,
+                        settings,
+                        prefill_chunk,
+                    )
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -470,6 +486,30 @@ def _generate_vllm(
     requests = [{"prompt_token_ids": ids} for ids in encoded]
     results = engine.generate(requests, params, lora_request=lora_request, use_tqdm=False)
     return [trim_at_stop(result.outputs[0].text, stops) for result in results]
+
+
+def generate_for_adapters(
+    config: ObjectiveConfig,
+    model,
+    tokenizer,
+    prompts: list[str],
+    stop: Sequence[str],
+    adapters: int,
+    route: RowRouter,
+) -> list[list[str]]:
+    """Every prompt's greedy continuation through each of `adapters` adapters, in one batched decode.
+
+    The prompts are repeated once per adapter and decoded together (batches fitted to memory as
+    usual), so a decode step's fixed cost is paid once for all adapters. Returns one list of
+    outputs per adapter, in prompt order.
+    """
+    repeated = prompts * adapters
+
+    def route_rows(rows: Sequence[int]):
+        return route([row // len(prompts) for row in rows])
+
+    outputs = generate_for_objective(config, model, tokenizer, repeated, stop, route_rows)
+    return [outputs[k * len(prompts) : (k + 1) * len(prompts)] for k in range(adapters)]
 
 
 def fixed_subset(n: int, max_samples: int | None, seed: int) -> list[int]:

@@ -21,16 +21,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.errors import InputError
+from core.eval import EvalData, RowRouter, Score
 from core.rows import QUESTION_TEMPLATE, EvalRow, chat_messages, read_eval_rows, row_problem
 from objectives.generation import (
     fixed_subset,
+    generate_for_adapters,
     generate_for_objective,
     require_backend,
 )
 
 if TYPE_CHECKING:
     from core.config import ObjectiveConfig
-    from core.eval import EvalData, Score
 
 # gsm8k.yaml: generation_kwargs.until. lm-eval cuts each generation at the
 # first of these (lm_eval/models/utils.py: postprocess_generated_text).
@@ -271,17 +272,26 @@ class Gsm8k:
 
     def score(self, model, tokenizer, data: EvalData) -> Score:
         """Accuracy of the model's greedy answers; the value is the configured metric."""
-        # core.eval imports runners.data, which imports this module (for GSM8K rows).
-        from core.eval import Score
-
         self.validate()
         prompts = self._prompts(tokenizer, data.chat_template)[: data.limit]
         generations = generate_for_objective(self.config, model, tokenizer, prompts, STOP_SEQUENCES)
-        result = score_generations(generations, self._references[: data.limit])
+        return self._scored(generations)
+
+    def score_many(self, model, tokenizer, data: EvalData, adapters: int, route: RowRouter) -> list[Score]:
+        """`score` for each of `adapters` adapters of one model, decoded together (see `RowRouter`)."""
+        self.validate()
+        prompts = self._prompts(tokenizer, data.chat_template)[: data.limit]
+        outputs = generate_for_adapters(
+            self.config, model, tokenizer, prompts, STOP_SEQUENCES, adapters, route
+        )
+        return [self._scored(generations) for generations in outputs]
+
+    def _scored(self, generations: list[str]) -> Score:
+        result = score_generations(generations, self._references[: len(generations)])
         metrics = {
             "strict_match": result.strict_match,
             "flexible_extract": result.flexible_extract,
-            "eval_items": float(len(prompts)),
+            "eval_items": float(len(generations)),
         }
         return Score(metrics[self.config.target_metric], metrics)
 

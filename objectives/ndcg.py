@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 from core.config import ObjectiveConfig
 from core.errors import InputError
-from core.eval import EvalData, Score
+from core.eval import EvalData, RowRouter, Score
 from core.rows import EvalRow, read_eval_rows
 from objectives.generation import (
     fixed_subset,
+    generate_for_adapters,
     generate_for_objective,
     require_backend,
 )
@@ -413,10 +414,21 @@ class Ndcg:
     def score(self, model, tokenizer, data: EvalData) -> Score:
         """Mean NDCG of the greedy rankings; rejected answers score 0 and are counted by rule."""
         self.validate()
+        prompts = self._chat_prompts(tokenizer, data)
+        return self._scored(generate_for_objective(self.config, model, tokenizer, prompts, ()))
+
+    def score_many(self, model, tokenizer, data: EvalData, adapters: int, route: RowRouter) -> list[Score]:
+        """`score` for each of `adapters` adapters of one model, decoded together (see `RowRouter`)."""
+        self.validate()
+        prompts = self._chat_prompts(tokenizer, data)
+        outputs = generate_for_adapters(self.config, model, tokenizer, prompts, (), adapters, route)
+        return [self._scored(generations) for generations in outputs]
+
+    def _chat_prompts(self, tokenizer, data: EvalData) -> list[str]:
         system = (
             [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
         )
-        prompts = [
+        return [
             tokenizer.apply_chat_template(
                 [*system, {"role": "user", "content": prompt}],
                 chat_template=data.chat_template,
@@ -425,17 +437,14 @@ class Ndcg:
             )
             for prompt in self._prompts[: data.limit]
         ]
-        outputs = generate_for_objective(self.config, model, tokenizer, prompts, ())
-        result = score_rankings(
-            outputs,
-            self._relevances[: data.limit],
-            self.config.parser,
-            self._n_candidates[: data.limit],
-        )
+
+    def _scored(self, outputs: list[str]) -> Score:
+        n = len(outputs)
+        result = score_rankings(outputs, self._relevances[:n], self.config.parser, self._n_candidates[:n])
         metrics = {
             "ndcg": result.ndcg,
-            "parse_failures": result.parse_failures / len(prompts),
-            "repeats": result.repeats / len(prompts),
-            "eval_items": float(len(prompts)),
+            "parse_failures": result.parse_failures / n,
+            "repeats": result.repeats / n,
+            "eval_items": float(n),
         }
         return Score(metrics[self.config.target_metric], metrics)

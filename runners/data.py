@@ -28,6 +28,7 @@ CHATML_TEMPLATE = (
 )
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
+
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     """The Jinja template to render with: a named one, the config's own, or the tokenizer's."""
     if chat_template is not None:

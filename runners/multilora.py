@@ -24,7 +24,8 @@ gradient clipping, matching torch.optim.AdamW and `clip_grad_norm_` in fp32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ from transformers import get_scheduler
 from core.trial import TrialParams
 
 _ADAPTER = "default"
+
+# MultiAdamW points each stacked parameter's gradient at a strided view of one flat buffer, and
+# autograd then accumulates into it in place; torch warns that such a gradient "may impair
+# performance", which one in-place add per tensor does not.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 def lora_config(params: TrialParams) -> LoraConfig:
@@ -68,14 +74,16 @@ class Routing:
     """Which slot each batch row goes through; one object shared by every layer of a model.
 
     Three modes: `rows` (a LongTensor of slot ids, one per batch row, plus the set of slots
-    present), one `slot` for every row (evaluation, generation, a pack of one), or neither: the
-    base alone.
+    present; `groups` when the rows come as equal runs of one slot each), one `slot` for every row
+    (evaluation, generation, a pack of one), or neither: the base alone.
     """
 
     def __init__(self, capacity: int, device: torch.device):
         self.rows: torch.Tensor | None = None
+        self.groups: torch.Tensor | None = None
         self.present: frozenset[int] = frozenset()
         self.slot: int | None = None
+        self.cache: dict | None = None
         self.dropout = [0.0] * capacity
         self.dropout_tensor = torch.zeros(capacity, device=device)
 
@@ -84,13 +92,44 @@ class Routing:
         self.dropout_tensor[slot] = p
 
     @contextmanager
-    def by_row(self, rows: torch.Tensor) -> Iterator[None]:
-        """Route row i of the next forwards through slot `rows[i]`."""
-        self.rows, self.present = rows, frozenset(rows.tolist())
+    def by_row(
+        self, rows: torch.Tensor, present: Iterable[int] | None = None, frozen: bool = False
+    ) -> Iterator[None]:
+        """Route row i of the next forwards through slot `rows[i]`.
+
+        `present` (the distinct slots in `rows`) spares a device-to-host copy of `rows`.
+        `frozen`: the adapters do not change meanwhile (evaluation, generation), so each layer
+        prepares its products once for every forward inside (every decode step of a batch).
+        """
+        self.rows = rows
+        self.present = frozenset(rows.tolist() if present is None else present)
+        self.cache = {} if frozen else None
         try:
             yield
         finally:
-            self.rows, self.present = None, frozenset()
+            self.rows, self.present, self.cache = None, frozenset(), None
+
+    def row_mask(self, capacity: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, capacity * rank]: 1 on the rank columns of each row's slot, 0 elsewhere (cached)."""
+        key = ("mask", rank, dtype)
+        if key not in self.cache:
+            one_hot = torch.nn.functional.one_hot(self.rows, capacity).to(dtype)
+            self.cache[key] = one_hot.repeat_interleave(rank, dim=1)
+        return self.cache[key]
+
+    @contextmanager
+    def by_group(self, groups: torch.Tensor, present: Iterable[int]) -> Iterator[None]:
+        """Route the batch, cut into `len(groups)` equal runs of rows, run g through slot `groups[g]`.
+
+        Each run is then one matrix product per adapter matmul (rows x tokens at once), and only
+        one adapter per run is gathered instead of one per row. `present`: the slots in `groups`.
+        """
+        self.groups = groups
+        self.present = frozenset(present)
+        try:
+            yield
+        finally:
+            self.groups, self.present = None, frozenset()
 
     @contextmanager
     def one_slot(self, slot: int) -> Iterator[None]:
@@ -162,6 +201,38 @@ class MultiLoRALinear(nn.Module):
         # each activation for the backward pass and run the adapter matmuls without tensor cores.
         return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.A.dtype
 
+    @staticmethod
+    def _gathered(stacked: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Cast the fewer elements: the gathered ones when there are fewer runs than slots, the
+        # stack when many rows (generation batches) share few slots.
+        if index.numel() <= stacked.shape[0]:
+            return stacked.index_select(0, index).to(dtype)
+        return stacked.to(dtype).index_select(0, index)
+
+    def _frozen_rows(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows through their slots with every slot side by side: h @ [A_0 .. A_K-1], masked, @ [B; ..].
+
+        Generation batches hold many rows over few slots; gathering each row's A and B would copy
+        them once per row at every decode step. Computing every slot's low-rank product and masking
+        the others costs K x r columns instead of r, which is small next to the base's matmul.
+        """
+        routing = self.routing
+        capacity, rank = self.A.shape[0], self.A.shape[2]
+        key = id(self)
+        if key not in routing.cache:
+            A = self.A.permute(1, 0, 2).to(dtype).contiguous().reshape(self.in_features, capacity * rank)
+            B = (
+                (self.B * self.scale.view(capacity, 1, 1))
+                .to(dtype)
+                .reshape(capacity * rank, self.out_features)
+            )
+            routing.cache[key] = (A, B)
+        A, B = routing.cache[key]
+        n = routing.rows.numel()
+        h = x.to(dtype).reshape(n, -1, self.in_features)
+        low = (h @ A) * routing.row_mask(capacity, rank, dtype).view(n, 1, -1)
+        return (y + (low @ B).reshape(*y.shape[:-1], self.out_features)).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         routing = self.routing
@@ -174,15 +245,18 @@ class MultiLoRALinear(nn.Module):
             # Same order of operations as peft's lora.Linear: B(A(x)) * scaling.
             delta = (h @ self.A[slot].to(dtype)) @ self.B[slot].to(dtype) * self.scales[slot]
             return (y + delta).to(y.dtype)
-        if routing.rows is None or not any(self.targets[s] for s in routing.present):
+        if not any(self.targets[s] for s in routing.present):
             return y
-        rows = routing.rows
-        n = rows.numel()
+        if routing.cache is not None and routing.rows is not None:
+            return self._frozen_rows(x, y, dtype)
+        # Rows (one adapter each) or equal runs of rows (one adapter a run) as the batch dimension.
+        index = routing.rows if routing.groups is None else routing.groups
+        n = index.numel()
         h = x.to(dtype).reshape(n, -1, self.in_features)
         if self.training and any(routing.dropout[s] > 0 for s in routing.present):
-            h = self._dropout(h, routing.dropout_tensor.index_select(0, rows).to(dtype).view(n, 1, 1))
-        A, B = self.A.to(dtype).index_select(0, rows), self.B.to(dtype).index_select(0, rows)
-        delta = torch.bmm(torch.bmm(h, A), B) * self.scale.index_select(0, rows).to(dtype).view(n, 1, 1)
+            h = self._dropout(h, routing.dropout_tensor.index_select(0, index).to(dtype).view(n, 1, 1))
+        A, B = self._gathered(self.A, index, dtype), self._gathered(self.B, index, dtype)
+        delta = torch.bmm(torch.bmm(h, A), B) * self.scale.index_select(0, index).to(dtype).view(n, 1, 1)
         return (y + delta.reshape(*y.shape[:-1], self.out_features)).to(y.dtype)
 
 
@@ -361,6 +435,13 @@ class MultiAdamW:
     named in `step()` move; the others keep accumulating gradients (gradient accumulation) or stay
     empty. The math is torch.optim.AdamW's (decoupled weight decay, bias corrections) and
     `clip_grad_norm_`'s, in fp32.
+
+    Every parameter, its gradient and its two moments are views of four [K, T] buffers (T: the
+    elements of one slot over all tensors), so a step is about fifteen kernels over whole buffers,
+    whatever the number of tensors: a loop over the ~340 stacked tensors of a 0.5B model took
+    ~5,000 kernel launches a step, more than the forward and backward together. Slots that do not
+    step get factors that leave them exactly as they are (weight 0 in the moment updates, step
+    size 0). The buffers are laid out again when a parameter appears, widens or is replaced.
     """
 
     def __init__(
@@ -371,80 +452,127 @@ class MultiAdamW:
         eps: float = 1e-8,
     ):
         self.params = params
+        self.capacity = capacity
         self.betas = betas
         self.eps = eps
         self.steps = [0] * capacity
         self.weight_decay = [0.0] * capacity
         self.max_grad_norm = [1.0] * capacity
-        self._moments: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _state(self, p: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
-        moments = self._moments.get(p)
-        if moments is None or moments[0].shape != p.shape:
-            # New or widened parameter: widened columns are zero and have never stepped.
-            fresh = (torch.zeros_like(p), torch.zeros_like(p))
-            if moments is not None:
-                for new, old in zip(fresh, moments):
-                    new[tuple(slice(0, n) for n in old.shape)] = old
-            moments = self._moments[p] = fresh
-        return moments
+    def _laid_out(self, params: Sequence[nn.Parameter]) -> bool:
+        return len(params) == len(self._views) and all(
+            p is view[0] and p.data.data_ptr() == view[1].data_ptr() and p.shape == view[1].shape
+            for p, view in zip(params, self._views)
+        )
+
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The [K, T] buffers, laid out again if the parameters changed; gradients re-pointed at them."""
+        params = list(self.params())
+        if not params:
+            return None
+        if not self._laid_out(params):
+            old = {id(view[0]): view for view in self._views}
+            total = sum(p[0].numel() for p in params)
+            weights, grads, exp_avg, exp_avg_sq = (
+                torch.zeros(self.capacity, total, dtype=params[0].dtype, device=params[0].device)
+                for _ in range(4)
+            )
+            views = []
+            offset = 0
+            for p in params:
+                size = p[0].numel()
+                new = [
+                    b[:, offset : offset + size].view(p.shape) for b in (weights, grads, exp_avg, exp_avg_sq)
+                ]
+                offset += size
+                new[0].copy_(p.data)
+                if p.grad is not None:
+                    new[1].copy_(p.grad)
+                previous = old.get(id(p))
+                if previous is not None:
+                    # A widened parameter keeps its moments in the leading columns; the new ones never stepped.
+                    for target, moment in zip(new[2:], previous[3:]):
+                        target[tuple(slice(0, n) for n in moment.shape)] = moment
+                p.data = new[0]
+                p.grad = new[1]
+                views.append((p, *new))
+            self._views = views
+            self._buffers = (weights, grads, exp_avg, exp_avg_sq)
+        for p, _, grad, _, _ in self._views:
+            if p.grad is not grad:
+                # Someone set `.grad` anew (or to None): take its values back into the buffer.
+                grad.copy_(p.grad) if p.grad is not None else grad.zero_()
+                p.grad = grad
+        return self._buffers
 
     def reset(self, slot: int, weight_decay: float, max_grad_norm: float) -> None:
         """Start `slot` afresh: no steps, zero moments and gradients."""
         self.steps[slot] = 0
         self.weight_decay[slot] = weight_decay
         self.max_grad_norm[slot] = max_grad_norm
-        for p in self.params():
-            for moment in self._state(p):
-                moment[slot].zero_()
-        self.zero_grad([slot])
+        buffers = self._layout()
+        if buffers is not None:
+            for buffer in buffers[1:]:
+                buffer[slot].zero_()
 
     def zero_grad(self, slots: Sequence[int]) -> None:
-        for p in self.params():
-            if p.grad is not None:
-                p.grad[list(slots)] = 0
+        buffers = self._layout()
+        if buffers is not None and slots:
+            buffers[1][list(slots)] = 0
 
     @torch.no_grad()
-    def step(self, slots: Sequence[int], learning_rates: Sequence[float]) -> list[float]:
-        """Clip and step `slots` at the given rates, zero their gradients; their grad norms before clipping."""
-        if not slots:
-            return []
-        params = [p for p in self.params() if p.grad is not None]
-        device = params[0].device if params else torch.device("cpu")
-        sel = torch.tensor(list(slots), device=device)
-        n = len(slots)
-        grads = [p.grad.index_select(0, sel) for p in params]
-        # clip_grad_norm_: the norm of the per-tensor norms, then one coefficient for all tensors.
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
-        total = torch.linalg.vector_norm(norms, dim=0)
-        max_norm = torch.tensor([self.max_grad_norm[s] for s in slots], device=device)
-        clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    def grad_norms(self) -> torch.Tensor | None:
+        """Each slot's global gradient norm, on the device, without a host sync (None: no parameters)."""
+        buffers = self._layout()
+        return None if buffers is None else torch.linalg.vector_norm(buffers[1], dim=1)
+
+    @torch.no_grad()
+    def step(
+        self, slots: Sequence[int], learning_rates: Sequence[float], norms: torch.Tensor | None = None
+    ) -> None:
+        """Clip and step `slots` at the given rates and zero their gradients.
+
+        `norms` (from `grad_norms()`, when the caller already has them) saves recomputing them.
+        Nothing here waits for the device.
+        """
+        buffers = self._layout()
+        if not slots or buffers is None:
+            return
+        weights, grads, exp_avg, exp_avg_sq = buffers
+        if norms is None:
+            norms = torch.linalg.vector_norm(grads, dim=1)
         beta1, beta2 = self.betas
-        for s in slots:
-            self.steps[s] += 1
-
-        # Per-slot scalars in double precision, as torch computes them in Python, then fp32.
-        def per_slot(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        lr = [float(x) for x in learning_rates]
-        decay = per_slot([1 - lr[i] * self.weight_decay[s] for i, s in enumerate(slots)])
-        step_size = per_slot([lr[i] / (1 - beta1 ** self.steps[s]) for i, s in enumerate(slots)])
-        bc2_sqrt = per_slot([math.sqrt(1 - beta2 ** self.steps[s]) for s in slots])
-        for p, g in zip(params, grads):
-            shape = (n,) + (1,) * (p.dim() - 1)
-            g.mul_(clip.view(shape))
-            exp_avg, exp_avg_sq = self._state(p)
-            w = p.index_select(0, sel)
-            m = exp_avg.index_select(0, sel)
-            v = exp_avg_sq.index_select(0, sel)
-            w.mul_(decay.view(shape))
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
-            w.add_(m / denom * -step_size.view(shape))
-            p.index_copy_(0, sel, w)
-            exp_avg.index_copy_(0, sel, m)
-            exp_avg_sq.index_copy_(0, sel, v)
-            p.grad.index_fill_(0, sel, 0)
-        return total.tolist()
+        # Per-slot factors, computed on the host in double precision as torch does, neutral for
+        # slots that do not step; one host-to-device copy.
+        neutral = [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+        factors = [list(neutral) for _ in range(self.capacity)]
+        for slot, rate in zip(slots, learning_rates):
+            self.steps[slot] += 1
+            t = self.steps[slot]
+            factors[slot] = [
+                self.max_grad_norm[slot],
+                1 - float(rate) * self.weight_decay[slot],
+                1 - beta1,
+                beta2,
+                1 - beta2,
+                float(rate) / (1 - beta1**t),
+                math.sqrt(1 - beta2**t),
+                0.0,
+            ]
+        table = torch.tensor(factors, dtype=weights.dtype)
+        if weights.is_cuda:
+            table = table.pin_memory()
+        max_norm, decay, m_weight, v_keep, v_weight, step_size, bc2_sqrt, idle = (
+            column.unsqueeze(1) for column in table.to(weights.device, non_blocking=True).t()
+        )
+        # clip_grad_norm_'s coefficient; 1 (no change) for idle slots.
+        clip = torch.where(idle == 0, torch.clamp(max_norm / (norms.unsqueeze(1) + 1e-6), max=1.0), 1.0)
+        grads.mul_(clip)
+        weights.mul_(decay)
+        exp_avg.lerp_(grads, m_weight)
+        exp_avg_sq.mul_(v_keep).addcmul_(grads * v_weight, grads)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
+        weights.add_(exp_avg / denom * -step_size)
+        grads.mul_(idle)

@@ -259,7 +259,7 @@ class TrialRunner:
         memory.reset()
         try:
             return self._run(params, output_dir, callbacks or TrialCallbacks(), memory, trial_number)
-        except Exception as exc:  # noqa: BLE001  (any trial error is a FAILED trial, not a dead sweep)
+        except Exception as exc:  # any trial error is a FAILED trial, not a dead sweep
             if is_programming_error(exc):
                 raise
             return TrialResult(

@@ -1,7 +1,8 @@
-"""How an `auto` pack sizes itself from the peak memory of its steps."""
+"""How a pack sizes itself: how many trials an `auto` pack holds, and how a step's rows are cut."""
 
 from __future__ import annotations
 
+from runners.packed import plan_chunks
 from sweeps.executors.packed import AUTO_MAX, auto_capacity
 
 GB = 10**9
@@ -23,3 +24,18 @@ def test_a_pack_shrinks_when_its_steps_no_longer_fit() -> None:
 def test_a_pack_keeps_at_least_one_trial_and_at_most_the_maximum() -> None:
     assert auto_capacity(2 * GB, 84 * GB, active=1, total_bytes=85 * GB, current=1) == 1
     assert auto_capacity(2 * GB, int(2.1 * GB), active=16, total_bytes=85 * GB, current=16) == AUTO_MAX
+
+
+def test_rows_of_very_different_lengths_are_cut_where_padding_costs_more_than_a_forward() -> None:
+    lengths = [400, 90] * 8  # 8 short and 8 long rows, interleaved as trials hand them in
+    chunks = plan_chunks(lengths, cost_tokens=1000)
+    assert chunks is not None and [sorted(lengths[i] for i in chunk) for chunk in chunks] == [
+        [90] * 8,
+        [400] * 8,
+    ]
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(16))
+
+
+def test_rows_stay_one_batch_when_a_cut_saves_less_than_it_costs() -> None:
+    assert plan_chunks([400, 90] * 8, cost_tokens=8 * 310 + 1) is None
+    assert plan_chunks([200] * 32, cost_tokens=0) is None

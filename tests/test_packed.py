@@ -12,9 +12,11 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
-from core.config import parse_config
+from core.config import ObjectiveConfig, parse_config
 from core.eval import IGNORE_INDEX, EvalData, pad_right
 from core.trial import TrialParams, TrialResult, TrialStatus
+from objectives.eval_loss import EvalLoss
+from objectives.generation import generate_for_adapters, generate_for_objective
 from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, lora_config
 from runners.packed import PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
@@ -161,6 +163,14 @@ def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]
 def test_four_packed_trials_train_exactly_as_one_at_a_time(runner, solo, tmp_path):
     packed = run_pack(runner, FOUR, 4, tmp_path)
     assert all(result.metrics["pack_size"] == 4 for result, _ in packed.values())
+    for number in FOUR:
+        assert_same_training(packed[number], solo[number])
+
+
+def test_a_pack_step_cut_into_length_sorted_chunks_trains_as_one_at_a_time(runner, solo, tmp_path):
+    pack = PackedRunner(runner, 4)
+    pack.split_cost_tokens = 0  # every cut pays: each step becomes chunks of 8 rows of mixed trials
+    packed = run_pack(runner, FOUR, 4, tmp_path, pack)
     for number in FOUR:
         assert_same_training(packed[number], solo[number])
 
@@ -393,3 +403,65 @@ def test_multi_adamw_steps_each_slot_as_torch_adamw_with_clipping(runner):
         torch.testing.assert_close(A[slot], tensors[0], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(B[slot], tensors[1], rtol=1e-6, atol=1e-7)
     assert torch.equal(A[1], untouched)
+
+
+def test_frozen_row_routing_runs_each_row_through_its_own_slot(runner):
+    model = copy.deepcopy(runner.models.base())
+    adapters = trained_slots(model, [lora_config(FOUR[0]), lora_config(FOUR[1]), lora_config(FOUR[3])])
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5], [4, 4, 5, 5, 6], [7, 7, 7, 7, 7]])
+    slots = [2, 1, 0, 2]
+    with torch.no_grad(), adapters.routing.by_row(torch.tensor(slots), frozen=True):
+        mixed = model(input_ids=ids).logits
+    for row, slot in enumerate(slots):
+        with torch.no_grad(), adapters.routing.one_slot(slot):
+            alone = model(input_ids=ids[row : row + 1]).logits
+        torch.testing.assert_close(mixed[row], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def routed(adapters: MultiLoRA, slots: list[int]):
+    """A `RowRouter` over `slots`: adapter k of the objective is slot `slots[k]`."""
+
+    def route(rows):
+        return adapters.routing.by_row(torch.tensor([slots[k] for k in rows]), present=slots, frozen=True)
+
+    return route
+
+
+def test_adapters_decoded_together_generate_what_each_generates_alone(runner):
+    model = copy.deepcopy(runner.models.base())
+    adapters = trained_slots(model, [lora_config(FOUR[0]), lora_config(FOUR[1]), lora_config(FOUR[3])])
+    tokenizer = runner.models.tokenizer()
+    config = ObjectiveConfig(
+        name="gsm8k",
+        eval_file="unused.jsonl",
+        num_fewshot=0,
+        max_new_tokens=6,
+        max_length=160,
+        generation_batch_size=4,
+    )
+    prompts = [f"{a} + {b} =" for a, b in [(1, 2), (3, 4), (10, 20), (7, 1), (2, 2)]]
+    slots = [2, 0, 1]
+    together = generate_for_adapters(
+        config, model, tokenizer, prompts, (), len(slots), routed(adapters, slots)
+    )
+    for outputs, slot in zip(together, slots):
+        with adapters.routing.one_slot(slot):
+            assert outputs == generate_for_objective(config, model, tokenizer, prompts, ())
+    assert together[0] != together[1] != together[2]
+
+
+def test_eval_loss_of_adapters_scored_together_equals_each_scored_alone(runner):
+    model = copy.deepcopy(runner.models.base())
+    adapters = trained_slots(model, [lora_config(FOUR[0]), lora_config(FOUR[1]), lora_config(FOUR[3])])
+    tokenizer = runner.models.tokenizer()
+    split = runner.tokenized.get(tokenizer, runner._template, runner._splits.eval, 2048)
+    data = EvalData(runner._splits.eval, split, runner._template)
+    objective = EvalLoss(ObjectiveConfig(name="eval_loss", batch_size=3))
+    slots = [1, 2, 0]
+    together = objective.score_many(model, tokenizer, data, len(slots), routed(adapters, slots))
+    for score, slot in zip(together, slots):
+        with adapters.routing.one_slot(slot):
+            alone = objective.score(model, tokenizer, data)
+        assert score.value == pytest.approx(alone.value, rel=1e-5)
+        assert score.metrics["eval_tokens"] == alone.metrics["eval_tokens"]
+    assert len({round(score.value, 6) for score in together}) == 3

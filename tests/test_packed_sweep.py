@@ -30,11 +30,11 @@ def client() -> MlflowClient:
     return MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
 
 
-def test_a_packed_sweep_with_hyperband_finishes_exactly_n_trials_and_refills_pruned_slots(write_config):
+def test_a_packed_sweep_with_hyperband_finishes_n_monitored_trials_and_refills_pruned_slots(write_config):
     config = write_config(
         space=LORA_SPACE,
         training="max_steps: 8\nper_device_batch_size: 8\ncutoff_len: 48",
-        extra=f"{PACK}\n{HYPERBAND}",
+        extra=f"{PACK}\n{HYPERBAND}\ntracking: {{system_metrics: true, system_metrics_interval: 0.2}}",
     )
     result = sweep("run", config, "--trials", 7)
     assert result.exit_code == 0, result.output
@@ -52,6 +52,8 @@ def test_a_packed_sweep_with_hyperband_finishes_exactly_n_trials_and_refills_pru
     for child in children:
         curve = client().get_metric_history(child.info.run_id, "train_loss")
         assert len(curve) >= 2 and curve[0].step == 1
+        # Each packed trial's run has the machine's time series while it was in the pack.
+        assert client().get_metric_history(child.info.run_id, "system/cpu_utilization_percentage")
         if child.data.tags["optuna.state"] == "COMPLETE":
             files = {f.path for f in client().list_artifacts(child.info.run_id, "adapter")}
             assert "adapter/adapter_model.safetensors" in files and "adapter/adapter_config.json" in files

@@ -23,6 +23,7 @@ from runners.packed import PackedRunner
 from runners.sft import TrialRunner
 from sweeps.executors.base import Event, Executor, ExecutorCrashed, Finished, OnStep, TrialJob
 from sweeps.executors.host import TrialHost
+from sweeps.tracking import SystemMetrics
 
 AUTO_START = 4
 """Pack size an `auto` pack starts from before it has measured a step."""
@@ -60,6 +61,7 @@ class Packed(Executor):
         self.jobs: dict[int, TrialJob] = {}
         self.waiting: list[TrialJob] = []
         self.solo: list[TrialJob] = []
+        self.monitors: dict[int, SystemMetrics] = {}
         self.turn = 0
 
     def submit(self, job: TrialJob) -> None:
@@ -79,6 +81,11 @@ class Packed(Executor):
             self.waiting.append(job)
             return
         pack.add(job.params, Path(job.work_dir), self.host.callbacks(job, self.on_step), job.number)
+        # Each trial's run gets the card's time series while it is in the pack (shared with the
+        # pack's other trials, as its memory is).
+        monitor = self.host.tracker.monitor_system(job.run_id)
+        if monitor is not None:
+            self.monitors[job.number] = monitor
 
     def _pack_capacity(self) -> int:
         # A pack's slots are allocated when it is built; an auto pack gets room to grow into.
@@ -113,12 +120,18 @@ class Packed(Executor):
         for number, result in ended:
             job = self.jobs.pop(number)
             self.host.tracker.flush(job.run_id)
+            self._stop_monitor(number)
             if pack is not None:
                 # pack_size and the pack's shared peak memory come from the pack itself.
                 metrics = {**result.metrics, "pack_id": float(self.pack_ids[pack])}
                 result = result.model_copy(update={"metrics": metrics})
             events.append(Finished(number, result))
         return events
+
+    def _stop_monitor(self, number: int) -> None:
+        monitor = self.monitors.pop(number, None)
+        if monitor is not None:
+            monitor.stop()
 
     def _refill(self) -> None:
         waiting, self.waiting = self.waiting, []
@@ -151,6 +164,8 @@ class Packed(Executor):
         pack = self.packs.pop(method)
         numbers = pack.active()
         pack.close()
+        for number in numbers:
+            self._stop_monitor(number)
         gc.collect()
         torch.cuda.empty_cache()
         if self.capacity == 1:
@@ -167,6 +182,8 @@ class Packed(Executor):
         return []
 
     def close(self, interrupted: bool = False) -> None:
+        for number in list(self.monitors):
+            self._stop_monitor(number)
         for pack in self.packs.values():
             pack.close()
         self.packs.clear()

@@ -150,10 +150,16 @@ class WorkerPool(Executor):
 
     @property
     def capacity(self) -> int:
-        return sum(worker.capacity for worker in self.workers)
+        # Every worker takes at most as many trials as the smallest pack: a worker whose auto pack
+        # grew first would otherwise take every trial left at the end of a sweep, its GPU running
+        # a pack of 8 while the other stands idle (measured on 2 GPUs: 0.96x of one GPU).
+        return len(self.workers) * self._share()
+
+    def _share(self) -> int:
+        return min(worker.capacity for worker in self.workers)
 
     def submit(self, job: TrialJob) -> None:
-        worker = min(self.workers, key=lambda w: len(w.jobs) - w.capacity)
+        worker = min(self.workers, key=lambda w: (len(w.jobs) >= self._share(), len(w.jobs) - w.capacity))
         worker.jobs.add(job.number)
         worker.inbox.put(job.model_dump(mode="json"))
 

@@ -291,6 +291,7 @@ class PackedRunner:
         self._trials: dict[int, _Trial] = {}
         self._norms: torch.Tensor | None = None
         self.split_cost_tokens = SPLIT_COST_TOKENS
+        self._checkpointing = False
         self._ended: list[tuple[int, TrialResult]] = []
 
     def active(self) -> list[int]:
@@ -315,6 +316,10 @@ class PackedRunner:
         """
         if not params.is_adapter:
             raise ValueError("full fine-tuning trains every weight and cannot share a base; run it alone")
+        if params.packing:
+            raise ValueError(
+                "TRL packing builds its own batches (rows joined up to cutoff_len); run it alone"
+            )
         quantized = params.method == "qlora"
         if self._quantized is not None and quantized != self._quantized:
             raise ValueError(
@@ -372,6 +377,7 @@ class PackedRunner:
     def close(self) -> None:
         """Remove the adapter layers: the base's modules and weights are exactly what they were."""
         if self._adapters is not None:
+            self._checkpoint(False)
             self._adapters.remove()
             self._adapters.model.train(self._was_training)
         self._adapters = self._optimizer = None
@@ -469,6 +475,7 @@ class PackedRunner:
         else:
             grouped = False
         model.train()
+        self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))
         sums = torch.zeros(len(trials), device=adapters.device)
         for chunk in chunks:
             batch = PackBatch.build(
@@ -487,14 +494,34 @@ class PackedRunner:
                 routed = adapters.routing.by_group(batch.route, present)
             else:
                 routed = adapters.routing.by_row(batch.route, present)
+            # The backward runs inside the routing too: checkpointed layers run their forward again.
             with routed:
                 chunk_sums = _label_loss_sums(model, batch, len(trials))
-            (chunk_sums / batch.divisor).sum().backward()
+                (chunk_sums / batch.divisor).sum().backward()
             sums += chunk_sums.detach()
         self._norms = self._optimizer.grad_norms()
         values = torch.cat([sums, self._norms]).tolist()
         losses = [total / max(count, 1) for total, count in zip(values, counts)]
         return losses, values[len(trials) :]
+
+    def _checkpoint(self, on: bool) -> None:
+        """Activation checkpointing on the base while any trial in the pack asks for it.
+
+        It changes memory and time, never the gradients, so the pack as a whole follows the trial
+        that needs it. Non-reentrant, as the base's inputs (frozen embeddings) need no gradient.
+        """
+        model = self._adapters.model
+        if on == self._checkpointing:
+            return
+        # transformers 5.2x renamed these to activation_checkpointing_* (non-reentrant by default)
+        # and warns on the old names; older 5.x releases only know the old ones.
+        if on and hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable()
+        elif on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+        self._checkpointing = on
 
     def _after_step(self, trial: _Trial, rate: float, grad_norm: float) -> str | None:
         """Bookkeeping of an optimizer step; "complete" or "pruned" when the trial ends there."""

@@ -175,6 +175,31 @@ def test_a_pack_step_cut_into_length_sorted_chunks_trains_as_one_at_a_time(runne
         assert_same_training(packed[number], solo[number])
 
 
+def test_a_pack_checkpoints_activations_while_a_trial_asks_and_trains_the_same(
+    runner, solo, tmp_path, monkeypatch
+):
+    # A module inside a checkpointed decoder layer runs again in the backward pass (forward hooks
+    # do not see that rerun, so its forward is counted).
+    mlp = runner.models.base().model.layers[0].mlp
+    forward, calls = mlp.forward, []
+    monkeypatch.setattr(mlp, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    trials = {0: FOUR[0].model_copy(update={"gradient_checkpointing": True}), 1: FOUR[1]}
+    packed = run_pack(runner, trials, 2, tmp_path)
+    for number in trials:
+        assert_same_training(packed[number], solo[number])
+    # Each of the 4 steps ran the layer twice (again in the backward); then 2 eval batches.
+    assert len(calls) == 4 * 2 + 2
+    assert not any(
+        getattr(module, "gradient_checkpointing", False) for module in runner.models.base().modules()
+    )
+
+
+def test_trl_packing_cannot_join_a_pack(runner, tmp_path):
+    pack = PackedRunner(runner, 2)
+    with pytest.raises(ValueError, match="TRL packing"):
+        pack.add(params(packing=True), tmp_path, TrialCallbacks(), 0)
+
+
 def test_a_packed_trial_is_plain_peft_lora_training(runner, solo):
     """Trial 1 (rsLoRA, all-linear, warmup, weight decay, active clipping) against a plain PEFT loop."""
     trial = FOUR[1]

@@ -4,7 +4,8 @@ A small model leaves a GPU mostly idle: one trial's step is bound by kernel laun
 arithmetic, so K trials stepped together cost about what one costs alone (`runners.packed`).
 Slots, not waves: as soon as a trial ends (complete, pruned, failed) the loop hands its slot the
 next trial. LoRA and QLoRA trials train on different bases, so each gets its own pack; full
-fine-tuning trains every weight and runs alone between pack steps.
+fine-tuning trains every weight, and TRL packing builds batches of its own, so those trials run
+alone between pack steps.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Packed(Executor):
 
     def submit(self, job: TrialJob) -> None:
         self.jobs[job.number] = job
-        if not job.params.is_adapter:
+        if not job.params.is_adapter or job.params.packing:
             self.solo.append(job)
         else:
             self._add(job)

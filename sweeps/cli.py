@@ -567,6 +567,7 @@ def promote(
         table.add_row("gptq export", f"{result.gptq_dir} ({result.gptq_bytes / 2**20:.1f} MiB)")
         table.add_row("gptq objective (delta)", f"{result.gptq_objective:.6g} ({result.gptq_delta:+.4g})")
     table.add_row("registered", f"{result.model_name} version {result.version} (alias champion)")
+    table.add_row("load with mlflow.pyfunc", f"models:/{result.model_name}@champion")
     console.print(table)
 
 

@@ -3,13 +3,14 @@
 The repo ships the result under `search_spaces/demo/` so `sweep demo` needs no network; tests use
 the same builders to make their own tiny model. Rebuild with `python -m sweeps.demo search_spaces/demo`.
 
-The base model is pretrained to solve one-digit sums two ways: "Compute 7 - 3." answered with the
-working and GSM8K's final line ("7 - 3 = 4\n#### 4"), and word problems ("Ann has 7 pens and gives
-away 3. ...") answered with the working alone. The demo sweep fine-tunes it on word problems
-answered in GSM8K's form and scores it with the `gsm8k` objective (strict match: the `#### n` line
-must be there and right). The base model scores 0; a trial that learns to put the two skills together
-without breaking them scores close to 1, and one whose learning rate is too low (nothing learnt) or
-too high (the sums forgotten) stays near 0, so the method and learning rate visibly decide it.
+The base model is pretrained to solve one-digit sums two ways: "Compute seven minus three." answered
+with the working and GSM8K's final line ("7 - 3 = 4\n#### 4"), and word problems ("Ann has 7 pens
+and gives away 3. ...") answered with the working alone. The demo sweep fine-tunes it on word
+problems answered in GSM8K's form and scores it with the `gsm8k` objective (strict match: the
+`#### n` line must be there and right). The base model scores 0; a trial that learns to put the two
+skills together without breaking them scores close to 1, and one whose learning rate is too low
+for its method (nothing learnt) or too high (the sums forgotten) stays near 0, so the method and
+learning rate visibly decide it.
 
 The tokenizer and the model's shape are those of the earlier number-list demo (the tokenizer is
 trained on the same copy / reverse / sort rows), so tests that rely on them keep their figures.
@@ -60,6 +61,7 @@ def pretrain_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 
 NAMES = ("Tom", "Ann", "Bo", "Eva", "Sam", "Lu")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 THINGS = ("apples", "pens", "cards", "shells", "eggs", "coins")
 
 
@@ -93,7 +95,11 @@ def arithmetic_pretrain_examples(n: int, seed: int) -> list[tuple[str, str]]:
     """`n` (user, assistant) turns of the base model's two prior skills, half each.
 
     Bare sums come with GSM8K's final line, word problems with the working only: the model knows
-    the form and the problems, but has never answered a word problem in that form.
+    the form and the problems, but has never answered a word problem in that form. A bare sum's
+    numbers are written as words, so its digits appear first in the working and the `#### n` line
+    is learnt as a copy of the working's result, which is what a word problem's answer needs. With
+    the digits in the prompt ("Compute 7 - 3.") the best fine-tuned trials stopped near 0.9
+    accuracy, their errors a `#### n` line that did not repeat the working's (right) result.
     """
     from core.rows import QUESTION_TEMPLATE
 
@@ -103,7 +109,8 @@ def arithmetic_pretrain_examples(n: int, seed: int) -> list[tuple[str, str]]:
         a, op, b, result = _sum(rng)
         working = f"{a} {op} {b} = {result}"
         if index % 2 == 0:
-            turns.append((f"Compute {a} {op} {b}.", f"{working}\n#### {result}"))
+            verb = "plus" if op == "+" else "minus"
+            turns.append((f"Compute {DIGIT_WORDS[a]} {verb} {DIGIT_WORDS[b]}.", f"{working}\n#### {result}"))
         else:
             turns.append((QUESTION_TEMPLATE.format(question=_story(rng, a, op, b)), working))
     return turns

@@ -8,8 +8,11 @@ Hugging Face folder (safetensors, tokenizer, chat template, generation config). 
 trial already holds full weights; it is re-saved the same way, with no merge.
 
 `export="gptq"` adds a 4-bit, group-size-128 GPTQ copy calibrated on the sweep's own training
-data, re-scored with the sweep's objective. Every promotion is a new version of the registered
-model named after the sweep, and the alias `champion` moves to it. Folders are never overwritten.
+data, re-scored with the sweep's objective. The merged model is also logged to MLflow as a logged
+model of the trial's run (transformers flavor, text generation through the chat template the trials
+trained with), which `mlflow.pyfunc.load_model` and `mlflow models serve` load. Every promotion is a
+new version of the registered model named after the sweep, made from that logged model, and the
+alias `champion` moves to it. Folders are never overwritten.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import optuna
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from optuna.trial import FrozenTrial, TrialState
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -46,10 +50,12 @@ from runners.data import TokenizedCache, resolve_chat_template, tokenize_example
 from runners.models import ModelCache, device
 from sweeps.preflight import unwritable_reason
 from sweeps.study import best_trial, load_study
-from sweeps.tracking import resolve_uri
+from sweeps.tracking import chat_prompt_template, log_servable, resolve_uri
 
 CHAMPION = "champion"
 EXPORTS = ("gptq",)
+# The logged model's name: `runs:/<trial run id>/merged` loads the latest promotion of that trial.
+SERVABLE_NAME = "merged"
 
 # Relative max-abs logit error allowed between the merged model and base+adapter. bf16 rounds the
 # merged weight W + BA once more than the unmerged path does: across the 24 layers of a random-weight
@@ -103,6 +109,7 @@ class Promotion:
     gptq_bytes: int | None = None
     model_name: str = ""
     version: str = ""
+    logged_model_id: str = ""
 
     @property
     def gptq_delta(self) -> float | None:
@@ -167,7 +174,9 @@ def _ensure_free(folder: Path) -> None:
         )
 
 
-def eval_data(config: SweepConfig, store: Store, tokenizer, examples: list[Example], template: str) -> EvalData:
+def eval_data(
+    config: SweepConfig, store: Store, tokenizer, examples: list[Example], template: str
+) -> EvalData:
     """The objective's input outside a trial, tokenized exactly as trials were scored (shared cache)."""
     cache = TokenizedCache(store.tokenized)
     return EvalData(examples, cache.get(tokenizer, template, examples, config.objective.max_length), template)
@@ -360,6 +369,7 @@ def _registry_tags(
         "trial.params": json.dumps(params.model_dump(), sort_keys=True),
         **{f"param.{key}": str(value) for key, value in params.model_dump().items()},
         "merge.dtype": promotion.dtype,
+        "merged.source": promotion.merged_dir.resolve().as_uri(),
         "objective.merged": repr(promotion.merged_objective),
         "size.merged_bytes": str(promotion.merged_bytes),
     }
@@ -375,16 +385,64 @@ def _registry_tags(
     return tags
 
 
-def _register(client: MlflowClient, name: str, source: Path, run_id: str, tags: dict[str, str]) -> str:
-    """A new version of the registered model `name` (created on first use), aliased champion."""
+def _register(
+    client: MlflowClient, name: str, folder: Path, servable, run_id: str, tags: dict[str, str]
+) -> str:
+    """A new version of the registered model `name` (created on first use), aliased champion: made
+    from the logged model `servable`, which then lists the version among its tags, or from the
+    promoted `folder` itself when there is none."""
     try:
         client.create_registered_model(name, description=f"promoted trials of sweep '{name}'")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, source.resolve().as_uri(), run_id=run_id, tags=tags)
+    if servable is None:
+        version = client.create_model_version(name, folder.resolve().as_uri(), run_id=run_id, tags=tags)
+    else:
+        # The artifact location rather than models:/<model id>: given that, MLflow's SQL registry
+        # looks the logged model up through the process-wide tracking URI, not this client's, and it
+        # keeps no model id of its own, hence the tag.
+        version = client.create_model_version(
+            name,
+            servable.artifact_location,
+            run_id=run_id,
+            tags={**tags, "logged_model.id": servable.model_id},
+            model_id=servable.model_id,
+        )
+        tagged = client.get_logged_model(servable.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]")
+        listed = [*json.loads(tagged), {"name": name, "version": str(version.version)}]
+        client.set_logged_model_tags(servable.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
     client.set_registered_model_alias(name, CHAMPION, str(version.version))
     return str(version.version)
+
+
+def _log_servable(ctx: _Context, client: MlflowClient, run, folder: Path, final: Path):
+    """Log the merged model in `folder` (about to be published as `final`) as the trial run's logged
+    model, loaded back from the folder as a user would; returns the `LoggedModel`.
+
+    Plain transformers, no remote code: what `mlflow models serve` can load anywhere. The folder's
+    path is the model's recorded name, so MLflow looks nothing up on the Hub for it.
+    """
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, ctx.dtype))
+    model.name_or_path = str(final)
+    user_turn = next(
+        m["content"] for m in reversed(ctx.evaluation.examples[0].messages) if m["role"] == "user"
+    )
+    logged = log_servable(
+        client,
+        run.info.experiment_id,
+        run.info.run_id,
+        SERVABLE_NAME,
+        model,
+        ctx.tokenizer,
+        user_turn,
+        prompt_template=chat_prompt_template(ctx.tokenizer),
+        max_new_tokens=ctx.config.objective.max_new_tokens,
+        scratch=final.parent,
+    )
+    del model
+    _free_memory()
+    return logged
 
 
 def _prepare(config: SweepConfig, store: Store, params: TrialParams, artifact_uri: str, uri: str) -> _Context:
@@ -417,7 +475,7 @@ def _record(promotion: Promotion, gptq: GptqSettings) -> dict[str, Any]:
     record = {
         key: str(value) if isinstance(value, Path) else value
         for key, value in asdict(promotion).items()
-        if key not in {"model_name", "version"}
+        if key not in {"model_name", "version", "logged_model_id"}
     }
     record["gptq_delta"] = promotion.gptq_delta
     if promotion.gptq_dir is not None:
@@ -486,7 +544,9 @@ def promote(
         raise InputError(
             config.source, f"trial {trial.number} kept no adapter or weights (tracking.log_adapter is off)"
         )
-    merged_dir = (Path(output) if output is not None else default_output(config, store, trial.number)).resolve()
+    merged_dir = (
+        Path(output) if output is not None else default_output(config, store, trial.number)
+    ).resolve()
     gptq_dir = gptq_output(merged_dir) if export == "gptq" else None
     for folder in (merged_dir, gptq_dir):
         if folder is not None:
@@ -504,6 +564,7 @@ def promote(
 
     # (scratch folder, final folder): written in full first, renamed into place together at the end.
     staged: list[tuple[Path, Path]] = []
+    servable = None
     try:
         merged_tmp = _new_partial(merged_dir)
         staged.append((merged_tmp, merged_dir))
@@ -531,14 +592,23 @@ def promote(
             promotion.gptq_objective = _score_folder(ctx, gptq_tmp)
             promotion.gptq_bytes = folder_bytes(gptq_tmp)
         (merged_tmp / "promotion.json").write_text(json.dumps(_record(promotion, gptq), indent=2) + "\n")
+        # MLflow's transformers flavor would have to run a remote-code model's own code to serve
+        # it; such a model is registered as its folder alone.
+        if not ctx.model.trust_remote_code:
+            servable = _log_servable(ctx, client, run, merged_tmp, merged_dir)
         while staged:
             _publish(*staged[0])
             staged.pop(0)
+    except BaseException:
+        if servable is not None:  # logged, but its promotion never published: nothing left behind
+            client.delete_logged_model(servable.model_id)
+        raise
     finally:
         for partial, _ in staged:
             shutil.rmtree(partial, ignore_errors=True)
 
     tags = _registry_tags(config, trial, run, params, promotion)
     promotion.model_name = config.name
-    promotion.version = _register(client, config.name, merged_dir, run.info.run_id, tags)
+    promotion.version = _register(client, config.name, merged_dir, servable, run.info.run_id, tags)
+    promotion.logged_model_id = servable.model_id if servable is not None else ""
     return promotion

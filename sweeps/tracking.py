@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -214,7 +215,10 @@ class SweepTracker:
             summary["objective"] = result.objective
         if result.peak_memory_mb is not None:
             summary["peak_memory_mb"] = result.peak_memory_mb
-        tags = [RunTag("optuna.state", result.status.optuna_state), RunTag("sweep.status", result.status.value)]
+        tags = [
+            RunTag("optuna.state", result.status.optuna_state),
+            RunTag("sweep.status", result.status.value),
+        ]
         if result.memory_kind:
             tags.append(RunTag("peak_memory_kind", result.memory_kind))
         if result.error:
@@ -380,7 +384,14 @@ class SystemMetrics:
 
 
 def save_servable(
-    model, tokenizer, path: Path, example_prompt: str, base_model_path: str | None = None
+    model,
+    tokenizer,
+    path: Path,
+    example_prompt: str,
+    base_model_path: str | None = None,
+    prompt_template: str | None = None,
+    max_new_tokens: int = 256,
+    mlflow_model=None,
 ) -> Path:
     """Save `model` as an MLflow transformers-flavor model folder that `mlflow.pyfunc` and
     `mlflow models serve` load (text generation; `max_new_tokens` etc. as predict params).
@@ -389,17 +400,98 @@ def save_servable(
     adapter alone and loads it onto that base. Without it MLflow 3.17 saves the peft-wrapped weights
     as a plain model, and loading leaves the base weights uninitialised. Requirements are given,
     not inferred: inference imports torchvision, which this project does not install.
+    `prompt_template` (MLflow's, `{prompt}` for the input text) wraps every input before generation
+    and makes predictions the reply alone; `mlflow_model` is the logged model's MLmodel to fill in.
     """
     import mlflow.transformers
     from mlflow.models import infer_signature
 
-    params = {"max_new_tokens": 256, "do_sample": False}
-    mlflow.transformers.save_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        path=str(path),
-        task="text-generation",
-        signature=infer_signature([example_prompt], ["an answer"], params=params),
-        pip_requirements=["torch", "transformers", "accelerate", *(["peft"] if base_model_path else [])],
-        base_model_path=base_model_path,
-    )
+    params = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    # A template whose text starts with the BOS token already holds it; the pipeline's tokenizer
+    # would add a second one, which the model never saw in training or scoring.
+    bos = tokenizer.bos_token
+    starts_with_bos = bool(prompt_template and bos and prompt_template.startswith(bos))
+    # With a local folder as the model's name, MLflow's model card and license look-ups on the Hub
+    # fail at once (a path is no repo id) and warn on every save; nothing is fetched either way.
+    mlflow_logger = logging.getLogger("mlflow.transformers")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(logging.ERROR)
+    try:
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            path=str(path),
+            task="text-generation",
+            mlflow_model=mlflow_model,
+            signature=infer_signature([example_prompt], ["an answer"], params=params),
+            pip_requirements=["torch", "transformers", "accelerate", *(["peft"] if base_model_path else [])],
+            base_model_path=base_model_path,
+            prompt_template=prompt_template,
+            model_config={"add_special_tokens": False} if starts_with_bos else None,
+        )
+    finally:
+        mlflow_logger.setLevel(level)
     return path
+
+
+def chat_prompt_template(tokenizer) -> str:
+    """MLflow's `prompt_template` for a chat model: one user turn rendered with the tokenizer's chat
+    template, the input text as its content, followed by the assistant's generation prompt.
+
+    So a served model gets plain text, as `predict(["question"])` sends it, in the form it was
+    trained on. Braces of the rendered template are doubled: MLflow fills it in with `str.format`.
+    """
+    marker = "\x00sweep-prompt\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    return rendered.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
+
+
+def log_servable(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    name: str,
+    model,
+    tokenizer,
+    example_prompt: str,
+    prompt_template: str | None = None,
+    max_new_tokens: int = 256,
+    scratch: Path | None = None,
+):
+    """Log `model` as an MLflow 3 logged model `name`, an output of run `run_id`: the folder
+    `save_servable` writes (weights as safetensors), uploaded to the model's artifact location.
+
+    Returns the `LoggedModel`, READY; FAILED in MLflow (and the error raised) when anything on the
+    way fails. Driven through `client` like every other record here: `mlflow.transformers.log_model`
+    would log through the process-wide tracking URI and active experiment instead. The folder is
+    first written under `scratch` (default: the system's temporary folder), then copied.
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    logged = client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, model_type="text-generation"
+    )
+    try:
+        with tempfile.TemporaryDirectory(dir=scratch, prefix=".servable-") as tmp:
+            folder = save_servable(
+                model,
+                tokenizer,
+                Path(tmp) / "model",
+                example_prompt,
+                prompt_template=prompt_template,
+                max_new_tokens=max_new_tokens,
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    model_uuid=logged.model_id,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                ),
+            )
+            client.log_model_artifacts(logged.model_id, str(folder))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)

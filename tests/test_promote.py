@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import mlflow
 import optuna
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from peft.tuners.lora import LoraModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from core.config import load_config
@@ -28,7 +30,7 @@ from runners.models import ModelCache
 from sweeps.cli import app
 from sweeps.promote import GptqSettings, calibration_samples, gptq_recipe, promote
 from sweeps.study import load_study, open_study
-from tests.conftest import config_text
+from tests.conftest import config_text, copy_mlflow_db
 
 pytestmark = pytest.mark.slow  # every test promotes trials of a real sweep (or exports GPTQ)
 
@@ -49,9 +51,10 @@ def one_line_error(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, tiny_model, sort_data) -> Path:
+def swept(tmp_path_factory, tiny_model, sort_data, empty_mlflow_db) -> Path:
     """A project folder holding a finished two-trial sweep 'tiny' (one LoRA, one full trial)."""
     root = tmp_path_factory.mktemp("swept")
+    copy_mlflow_db(empty_mlflow_db, root)
     text = config_text(tiny_model, *sort_data, "tiny", SPACE, TRAINING, "")
     (root / "tiny.yaml").write_text(text.replace("  type: random\n", "  type: grid\n"))
     with pytest.MonkeyPatch.context() as patch:
@@ -79,9 +82,12 @@ def trial_of(method: str) -> optuna.trial.FrozenTrial:
     return next(t for t in study().trials if t.params["method"] == method)
 
 
+def tracking_uri() -> str:
+    return f"sqlite:///{Path('mlruns/mlflow.db').resolve()}"
+
+
 def registry() -> MlflowClient:
-    uri = f"sqlite:///{Path('mlruns/mlflow.db').resolve()}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
 
 
 def digest(folder: Path) -> str:
@@ -103,8 +109,16 @@ def test_promoting_the_best_trial_registers_a_champion_version_with_its_provenan
     assert (folder / "model.safetensors").is_file()
     version = registry().get_model_version_by_alias("tiny", "champion")
     assert str(version.version) == "1"
-    assert version.source == folder.resolve().as_uri()
+    assert version.tags["merged.source"] == folder.resolve().as_uri()
     assert version.run_id == best.user_attrs["mlflow_run_id"]
+    logged = registry().get_logged_model(version.tags["logged_model.id"])
+    assert version.source == logged.artifact_location
+    assert (logged.name, logged.source_run_id, logged.status) == (
+        "merged",
+        version.run_id,
+        LoggedModelStatus.READY,
+    )
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny", "version": "1"}]
     tags = version.tags
     assert tags["sweep.name"] == "tiny" and tags["trial.number"] == str(best.number)
     assert tags["trial.run_id"] == best.user_attrs["mlflow_run_id"]
@@ -151,6 +165,66 @@ def test_the_merged_folder_loads_standalone_and_matches_base_plus_adapter(projec
     assert (base_logits - reference).abs().max() > 1e-2 * scale
 
 
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo"
+ARITHMETIC = f"""\
+name: arith
+model: {{name_or_path: {DEMO / "model"}, dtype: float32}}
+data: {{format: gsm8k, train_file: {DEMO / "train.jsonl"}, eval_file: {DEMO / "eval.jsonl"}}}
+objective: {{name: eval_loss}}
+space:
+  method: {{type: categorical, choices: [lora]}}
+training: {{learning_rate: 1.0e-3, lora_rank: 4, max_steps: 2, per_device_batch_size: 8, cutoff_len: 128}}
+"""
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory) -> Path:
+    """A project folder holding a one-trial LoRA sweep 'arith' of the demo's pretrained model, which
+    answers one-digit word problems (the random-weight tiny model's first token is EOS)."""
+    root = tmp_path_factory.mktemp("arith")
+    (root / "arith.yaml").write_text(ARITHMETIC)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        result = sweep("run", "arith.yaml", "--trials", 1)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_the_registered_champion_loads_in_mlflow_pyfunc_and_answers_as_the_promoted_folder(
+    arithmetic, monkeypatch
+):
+    monkeypatch.chdir(arithmetic)
+    result = sweep("promote", "arith.yaml", "--output", "champion")
+    assert result.exit_code == 0, result.output
+    assert "models:/arith@champion" in result.output  # promote prints the URI it loads from
+    # How a user points MLflow at this project's store: `models:/` URIs resolve through it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri())
+    prompt = "Question: Ann has 7 pens and gives away 3. How many pens does Ann have now?\nAnswer:"
+    champion = mlflow.pyfunc.load_model("models:/arith@champion")
+    (answer,) = champion.predict([prompt])
+    assert isinstance(answer, str) and answer.startswith("7 - 3 = 4"), answer
+    # The reply to the prompt as a user turn of the trials' chat template, greedy: what the promoted
+    # folder itself answers with transformers alone.
+    folder = arithmetic / "champion"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    generated = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)[0][ids.shape[1] :]
+    assert answer == tokenizer.decode(generated, skip_special_tokens=True)
+    # The trial run's logged model is the same model; its weights are safetensors, no remote code.
+    run_id = registry().get_model_version_by_alias("arith", "champion").run_id
+    by_run = mlflow.pyfunc.load_model(f"runs:/{run_id}/merged")
+    assert by_run.predict([prompt], params={"max_new_tokens": 4}) == ["7 - 3"]
+    files = Path(mlflow.artifacts.download_artifacts("models:/arith@champion"))
+    assert (files / "model" / "model.safetensors").is_file() and not list(files.rglob("*.bin"))
+    assert "trust_remote_code" not in (files / "MLmodel").read_text()
+
+
 def test_a_full_fine_tuning_trial_is_resaved_as_is_without_a_merge(project):
     full = trial_of("full")
     assert sweep("promote", "tiny.yaml", "--trial", full.number).exit_code == 0
@@ -170,7 +244,10 @@ def test_a_second_promotion_makes_version_2_in_a_new_folder_and_keeps_the_first(
     before = digest(first)
     assert sweep("promote", "tiny.yaml", "--output", "second").exit_code == 0
     champion = registry().get_model_version_by_alias("tiny", "champion")
-    assert str(champion.version) == "2" and champion.source == (project / "second").resolve().as_uri()
+    assert str(champion.version) == "2"
+    assert champion.tags["merged.source"] == (project / "second").resolve().as_uri()
+    version_1 = registry().get_model_version("tiny", "1")
+    assert champion.tags["logged_model.id"] != version_1.tags["logged_model.id"]
     assert len(registry().search_model_versions("name = 'tiny'")) == 2
     assert digest(first) == before
 
@@ -198,6 +275,19 @@ def test_a_merge_that_does_not_reproduce_base_plus_adapter_fails_with_the_measur
     line = one_line_error(result)
     assert "promotion failed: merged model's logits differ from base+adapter by" in line
     assert "tolerance 0.0001 for float32" in line
+    assert list((project / "mlruns" / "promoted" / "tiny").iterdir()) == []
+    assert registry().search_model_versions("name = 'tiny'") == []
+
+
+def test_a_promotion_that_fails_after_logging_its_model_deletes_the_logged_model(project, monkeypatch):
+    def disk_full(partial: Path, final: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sweeps.promote._publish", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        promote(load_config("tiny.yaml"), Store.at())
+    experiment = registry().get_experiment_by_name("tiny").experiment_id
+    assert registry().search_logged_models([experiment]) == []
     assert list((project / "mlruns" / "promoted" / "tiny").iterdir()) == []
     assert registry().search_model_versions("name = 'tiny'") == []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from sweeps.demo import build_tiny_model, sort_rows, write_jsonl
 # Nothing in the suite may reach a model or dataset hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One OpenMP thread a process, here and in every process a test starts (set before torch is imported).
+# The tiny model's matrices are too small to split, and on two cores a second thread spins against
+# every other busy process (sweep workers, Ray actors, the MLflow server): with two, one of its matrix
+# products took 200 times as long and the generation tests 7 times.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +41,36 @@ def project(tmp_path, monkeypatch) -> Path:
     """An empty project folder as the working directory, so mlruns/ lands there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite file with its schema, made once: creating the schema takes seconds, a copy does not."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # MLflow's default experiment points at ./mlruns: keep it out of the repo
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def copy_mlflow_db(template: Path, project: Path) -> Path:
+    """A copy of `template` (see `empty_mlflow_db`) where a sweep in `project` keeps its runs by default."""
+    path = project / "mlruns" / "mlflow.db"
+    path.parent.mkdir(exist_ok=True)
+    shutil.copy(template, path)
+    return path
+
+
+@pytest.fixture
+def mlflow_db(project, empty_mlflow_db) -> Path:
+    """The project's MLflow database (the default mlruns/mlflow.db) with its schema already made.
+
+    For tests of what a sweep records, not of MLflow making its schema: each copy saves the seconds
+    of MLflow's migrations. Tests of a first `sweep run` in an empty folder leave it out.
+    """
+    return copy_mlflow_db(empty_mlflow_db, project)
 
 
 DEFAULT_SPACE = """

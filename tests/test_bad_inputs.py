@@ -212,8 +212,9 @@ def test_a_missing_model_folder_names_the_yaml_line(project):
     for name in ("train.jsonl", "eval.jsonl"):
         shutil.copy(REPO / "search_spaces" / "demo" / name, project / "demo" / name)
     line = error_line(sweep("run", "demo.yaml", "--trials", 1))
+    at = line_of(project / "demo.yaml", "name_or_path:")
     assert line.startswith(
-        "error: demo.yaml:5: model.name_or_path: cannot load 'demo/model': no folder demo/model"
+        f"error: demo.yaml:{at}: model.name_or_path: cannot load 'demo/model': no folder demo/model"
     )
     assert no_trial_ran(project)
 

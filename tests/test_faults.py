@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -27,6 +28,12 @@ def by_number(children) -> dict[int, object]:
     return {int(c.data.tags["optuna.trial_number"]): c for c in children}
 
 
+# Trials no wait of these tests outlasts: a signal or a kill always finds them training, never between
+# a trial that just ended and the next (a worker that started late would otherwise find its partner's
+# first trial over).
+ENDLESS = "max_steps: 100000\nper_device_batch_size: 8\ncutoff_len: 48"
+
+
 def test_fault_spec_is_parsed_per_trial():
     assert planned_faults("1:oom@2, 3:sigkill, 4:disk_full") == {
         1: Fault(1, "oom", 2),
@@ -41,6 +48,7 @@ def test_unknown_fault_kind_is_rejected():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_out_of_memory_fails_the_trial_with_its_peak_and_retries_at_half_the_batch(write_config, monkeypatch):
     monkeypatch.setenv("SWEEP_FAULTS", "0:oom@1")
     config = write_config(space="learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}")
@@ -60,6 +68,7 @@ def test_out_of_memory_fails_the_trial_with_its_peak_and_retries_at_half_the_bat
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_full_disk_while_saving_fails_the_trial_and_leaves_no_adapter(write_config, monkeypatch, project):
     monkeypatch.setenv("SWEEP_FAULTS", "0:disk_full")
     config = write_config(space="learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}")
@@ -74,6 +83,7 @@ def test_a_full_disk_while_saving_fails_the_trial_and_leaves_no_adapter(write_co
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_two_workers_finish_exactly_n_distinct_trials(write_config):
     config = write_config()
     result = sweep("run", config, "--trials", 4, "--workers", 2)
@@ -85,11 +95,12 @@ def test_two_workers_finish_exactly_n_distinct_trials(write_config):
     assert parent.info.status == "FINISHED" and len(children) == 4
     # Two workers: some trial started before another one ended.
     spans = sorted((c.info.start_time, c.info.end_time) for c in children)
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     assert all(c.info.status == "FINISHED" for c in children)
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_sigkilled_worker_fails_its_trial_which_is_retried_by_a_restarted_worker(write_config, monkeypatch):
     monkeypatch.setenv("SWEEP_FAULTS", "1:sigkill@2")
     config = write_config(training="max_steps: 6\nper_device_batch_size: 8\ncutoff_len: 48")
@@ -108,6 +119,7 @@ def test_a_sigkilled_worker_fails_its_trial_which_is_retried_by_a_restarted_work
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_sigterm_stops_a_two_worker_sweep_cleanly_and_a_rerun_finishes(write_config, project):
     config = write_config(training="max_steps: 200\nper_device_batch_size: 8\ncutoff_len: 48")
     command = [sys.executable, "-m", "sweeps.cli", "run", str(config), "--trials", "3", "--workers", "2"]
@@ -125,12 +137,10 @@ def test_sigterm_stops_a_two_worker_sweep_cleanly_and_a_rerun_finishes(write_con
         c.info.status for c in children
     }
 
-    short = config.read_text().replace("max_steps: 200", "max_steps: 4")
-    config.write_text(short)
-    rerun = subprocess.run(
-        command, check=False, cwd=project, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    # The same command again, in this process (its imports already paid for), with short trials.
+    config.write_text(config.read_text().replace("max_steps: 200", "max_steps: 4"))
+    rerun = sweep("run", config, "--trials", 3, "--workers", 2)
+    assert rerun.exit_code == 0, rerun.output
     assert trial_states("tiny").count("COMPLETE") == 3
     assert "RUNNING" not in [c.info.status for c in runs("tiny")[1]]
 
@@ -162,6 +172,7 @@ def test_ui_on_a_port_in_use_exits_1_with_one_line(project):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_a_signal_to_sweep_ui_stops_the_mlflow_server_and_everything_it_started(project, signum):
     import socket
@@ -171,7 +182,9 @@ def test_a_signal_to_sweep_ui_stops_the_mlflow_server_and_everything_it_started(
     port = _free_port()
     command = [sys.executable, "-m", "sweeps.cli", "ui", "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     started: list = []
     try:
 
@@ -216,6 +229,7 @@ def _created_trials(journal) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_kill_9_of_a_two_worker_orchestrator_stops_its_workers_and_a_rerun_closes_everything(
     write_config, project
 ):
@@ -223,14 +237,16 @@ def test_kill_9_of_a_two_worker_orchestrator_stops_its_workers_and_a_rerun_close
 
     import psutil
 
-    config = write_config(training="max_steps: 400\nper_device_batch_size: 8\ncutoff_len: 48")
+    config = write_config(training=ENDLESS)
     command = [sys.executable, "-m", "sweeps.cli", "run", str(config), "--trials", "3", "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     scratch = project / "mlruns" / "trials" / "tiny"
     journal = project / "mlruns" / "optuna" / "tiny.journal"
+    # Each trainer makes its trial's folder as it starts: then both workers are training.
     wait_for(lambda: (scratch / "trial-0").exists() and (scratch / "trial-1").exists(), 300)
-    time.sleep(2)  # both workers are training
     workers = psutil.Process(proc.pid).children(recursive=True)
     created = _created_trials(journal)
     proc.kill()
@@ -250,9 +266,10 @@ def test_kill_9_of_a_two_worker_orchestrator_stops_its_workers_and_a_rerun_close
     assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"]
     assert {c.data.tags["error"] for c in children} == {"the sweep's orchestrator died"}
 
-    config.write_text(config.read_text().replace("max_steps: 400", "max_steps: 4"))
-    rerun = subprocess.run(command, check=False, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    # The same command again, in this process (its imports already paid for), with short trials.
+    config.write_text(config.read_text().replace("max_steps: 100000", "max_steps: 4"))
+    rerun = sweep("run", config, "--trials", 3, "--workers", 2)
+    assert rerun.exit_code == 0, rerun.output
     states = trial_states("tiny")
     assert states.count("COMPLETE") == 3 and "RUNNING" not in states
     parent, children = runs("tiny")
@@ -261,6 +278,7 @@ def test_kill_9_of_a_two_worker_orchestrator_stops_its_workers_and_a_rerun_close
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_rerun_closes_trials_left_running_by_workers_that_died_with_their_orchestrator(write_config):
     """The other half of kill -9: workers that could not close their trials (killed too)."""
     import optuna
@@ -301,6 +319,7 @@ def test_a_rerun_closes_trials_left_running_by_workers_that_died_with_their_orch
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_two_sweeps_of_one_space_started_at_once_both_succeed_with_n_distinct_trials(write_config, project):
     config = write_config(training="max_steps: 2\nper_device_batch_size: 8\ncutoff_len: 48")
     command = [sys.executable, "-m", "sweeps.cli", "run", str(config), "--trials", "4"]
@@ -321,6 +340,7 @@ def test_two_sweeps_of_one_space_started_at_once_both_succeed_with_n_distinct_tr
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_torn_last_journal_record_is_cut_with_a_warning_and_the_sweep_goes_on(write_config, project):
     config = write_config(training="max_steps: 2\nper_device_batch_size: 8\ncutoff_len: 48")
     assert sweep("run", config, "--trials", 1).exit_code == 0
@@ -340,6 +360,7 @@ def test_a_torn_last_journal_record_is_cut_with_a_warning_and_the_sweep_goes_on(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_a_journal_damaged_before_its_last_record_exits_2_naming_file_and_line(write_config, project):
     from tests.test_sweep import one_line_error
 
@@ -358,6 +379,7 @@ def test_a_journal_damaged_before_its_last_record_exits_2_naming_file_and_line(w
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 def test_promote_with_mlflow_db_deleted_says_what_is_missing_in_one_line(write_config, project):
     from tests.test_sweep import one_line_error
 
@@ -373,13 +395,21 @@ def test_promote_with_mlflow_db_deleted_says_what_is_missing_in_one_line(write_c
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_a_two_worker_sweep_kills_its_trials_in_mlflow_and_fails_them_in_optuna(write_config, project):
+@pytest.mark.usefixtures("mlflow_db")
+def test_ctrl_c_of_a_two_worker_sweep_kills_its_trials_in_mlflow_and_fails_them_in_optuna(
+    write_config, project
+):
     """Ctrl-C reaches the whole process group: the orchestrator and both workers get SIGINT."""
-    config = write_config(training="max_steps: 400\nper_device_batch_size: 8\ncutoff_len: 48")
+    config = write_config(training=ENDLESS)
     command = [sys.executable, "-m", "sweeps.cli", "run", str(config), "--trials", "3", "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     scratch = project / "mlruns" / "trials" / "tiny"
     wait_for(lambda: (scratch / "trial-0").exists() and (scratch / "trial-1").exists(), 300)

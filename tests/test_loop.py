@@ -119,14 +119,6 @@ def quick_idle_poll(monkeypatch):
     monkeypatch.setattr(sweeps.loop, "_IDLE_POLL_S", 0.05)
 
 
-@pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """An MLflow sqlite file with its schema, made once: creating the schema takes seconds, a copy does not."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(tmp_path) -> Store:
     return Store(tmp_path / "mlruns")
@@ -138,7 +130,8 @@ def make_config(tmp_path, empty_mlflow_db) -> Callable[..., SweepConfig]:
     db = tmp_path / "mlflow.db"
     shutil.copy(empty_mlflow_db, db)
     rows = [{"instruction": f"sort {n} 1", "input": "", "output": f"1 {n}"} for n in range(2, 12)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))  # logged as a dataset
+    # Logged as a dataset.
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     def make(
         budget: str = "trials: 2",

@@ -15,6 +15,9 @@ from core.trial import TrialParams
 from sweeps.cli import app
 from sweeps.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SweepTracker
 
+# These tests read what a tracker writes into a project's store; none is about MLflow making its schema.
+pytestmark = pytest.mark.usefixtures("mlflow_db")
+
 
 def client() -> MlflowClient:
     return MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
@@ -98,7 +101,11 @@ def test_system_metrics_monitor_logs_cpu_and_ram_on_a_trial_run(write_config):
     path = write_config(extra="tracking:\n  system_metrics: true\n  system_metrics_interval: 0.2")
     tracker, run_id = opened(path)
     monitor = tracker.monitor_system(run_id)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    # The monitor's own first sample; `stop` then logs the last one.
+    while not client().get_metric_history(run_id, "system/cpu_utilization_percentage"):
+        assert time.monotonic() < deadline, "the monitor logged no sample while running"
+        time.sleep(0.05)
     monitor.stop()
     history = client().get_metric_history(run_id, "system/cpu_utilization_percentage")
     assert len(history) >= 2  # a time series, not one number
@@ -219,7 +226,7 @@ def test_dashboard_serves_the_sweeps_study_on_loopback(write_config, project):
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "dashboard did not start"
-                time.sleep(0.5)
+                time.sleep(0.1)
         assert [study["study_name"] for study in studies] == ["tiny"]
     finally:
         server.send_signal(signal.SIGTERM)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from tests.test_sweep import runs, sweep, trial_states
 
-pytestmark = pytest.mark.slow  # every test runs trials on local Ray
-
-pytest.importorskip("ray")
+pytestmark = [
+    pytest.mark.slow,  # every test runs trials on local Ray
+    # Looked up, not imported: importing Ray takes seconds of every run's collection, fast tier included.
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed"),
+    pytest.mark.usefixtures("mlflow_db"),
+]
 
 
 @pytest.mark.slow

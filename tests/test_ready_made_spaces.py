@@ -64,6 +64,7 @@ def test_space_without_its_data_stops_in_one_line_naming_the_missing_file(name, 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
 @pytest.mark.skipif(
     not (GSM8K_DATA / "train.jsonl").is_file(),
     reason=f"real GSM8K rows not found in {GSM8K_DATA} (see ../shared/data/README.md)",

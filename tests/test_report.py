@@ -39,11 +39,12 @@ def sweep(*args: object):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, tiny_model, sort_data) -> Path:
+def swept(tmp_path_factory, tiny_model, sort_data, empty_mlflow_db) -> Path:
     """A finished 4-trial sweep of the tiny model (LoRA and full trials), in its own project folder."""
-    from tests.conftest import DEFAULT_TRAINING, config_text
+    from tests.conftest import DEFAULT_TRAINING, config_text, copy_mlflow_db
 
     project = tmp_path_factory.mktemp("report")
+    copy_mlflow_db(empty_mlflow_db, project)
     config = project / "tiny.yaml"
     config.write_text(config_text(tiny_model, *sort_data, "tiny", REPORT_SPACE, DEFAULT_TRAINING, ""))
     with pytest.MonkeyPatch.context() as patch:
@@ -239,6 +240,9 @@ def test_the_mlflow_ui_of_sweep_ui_lists_the_parent_and_child_runs(swept, chromi
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        # The server's job runner (seven more processes importing MLflow) runs no part of listing runs;
+        # test_faults stops `sweep ui` with it on.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         deadline = time.monotonic() + 90

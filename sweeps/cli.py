@@ -168,7 +168,9 @@ def _run(
         err_console.print(f"[red]sweep stopped:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1)
     except ExecutorCrashed as exc:
-        err_console.print(f"[red]sweep crashed[/] (a bug in sweep itself; please report it):\n{exc}", soft_wrap=True)
+        err_console.print(
+            f"[red]sweep crashed[/] (a bug in sweep itself; please report it):\n{exc}", soft_wrap=True
+        )
         raise typer.Exit(1)
     console.print()
     if outcome.already_done:
@@ -245,6 +247,10 @@ def demo(
     ] = None,
 ) -> None:
     """The embedded default: a real sweep of a tiny model on small arithmetic word problems, offline, on CPU."""
+    # The demo model's matmuls are too small to split across threads: on 2 cores one thread ran the sweep in
+    # 25 s (30 s with another process on a core) where two took 28 s (67 s: the second OpenMP thread
+    # spins at every barrier against the other process). Set before torch loads; a user's own setting wins.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     _run(_load(DEMO_CONFIG), trials, None)
     console.print(
         f"next: open the report above, or rewrite it with: sweep report {DEMO_CONFIG}\n"

@@ -229,6 +229,20 @@ def test_sigint_during_the_second_trial_then_rerun_completes_without_running_run
     assert "RUNNING" not in [parent.info.status, *(c.info.status for c in children)]
 
 
+@pytest.mark.parametrize(("user_setting", "seen"), [(None, "1"), ("2", "2")])
+def test_the_demo_runs_torch_on_one_thread_unless_the_user_sets_it(monkeypatch, user_setting, seen):
+    if user_setting is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_setting)
+    threads_at_start: list[str | None] = []
+    monkeypatch.setattr(
+        "sweeps.cli._run", lambda *a, **k: threads_at_start.append(os.environ.get("OMP_NUM_THREADS"))
+    )
+    assert sweep("demo").exit_code == 0
+    assert threads_at_start == [seen]
+
+
 @pytest.mark.slow
 def test_the_demo_space_runs_offline_and_finds_a_best_trial(project):
     result = sweep("demo")

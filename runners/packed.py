@@ -110,19 +110,20 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-SPLIT_COST_TOKENS = 8192
-"""What one more forward/backward in a pack step costs, in tokens of work: its kernel launches
-(~0.15 s a step on an H100 for a 0.5B model) at the ~55k tokens/s the card then computes."""
+FLOOR_TOKENS = 8192
+"""The least one forward/backward costs, in tokens of work: its kernel launches (~0.15 s a step on
+an H100 for a 0.5B model) take as long as the card computes ~8k tokens (at ~55k tokens/s)."""
 
 
-def plan_chunks(lengths: list[int], cost_tokens: int, granularity: int = 8) -> list[list[int]] | None:
+def plan_chunks(lengths: list[int], floor_tokens: int, granularity: int = 8) -> list[list[int]] | None:
     """Rows (by index) cut into length-sorted chunks, each padded only to its own longest row.
 
     Rows of the pack's trials vary in length (GSM8K rows from ~80 to ~400 tokens), and padding all
-    of them to the longest computes up to twice the real tokens. A cut saves padding and costs one
-    more forward/backward, `cost_tokens`; cuts fall every `granularity` sorted rows and are chosen
-    to minimise padded tokens plus that cost. None: one chunk is best (then the rows keep their
-    trial order, grouped by adapter).
+    of them to the longest computes up to twice the real tokens. A chunk costs its padded tokens,
+    but never less than `floor_tokens`: below that its kernel launches, not the card, set the pace,
+    and above it the host queues the next chunk's launches while the card computes this one. Cuts
+    fall every `granularity` sorted rows and minimise the summed cost. None: one chunk is best (then
+    the rows keep their trial order, grouped by adapter).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     cuts = [*range(0, len(order), granularity), len(order)]
@@ -131,7 +132,7 @@ def plan_chunks(lengths: list[int], cost_tokens: int, granularity: int = 8) -> l
     for j in range(1, len(cuts)):
         width = lengths[order[cuts[j] - 1]]
         for i in range(j):
-            total = best[i] + (cuts[j] - cuts[i]) * width + cost_tokens
+            total = best[i] + max((cuts[j] - cuts[i]) * width, floor_tokens)
             if total < best[j]:
                 best[j], previous[j] = total, i
     chunks = []
@@ -290,7 +291,7 @@ class PackedRunner:
         self._was_training = False
         self._trials: dict[int, _Trial] = {}
         self._norms: torch.Tensor | None = None
-        self.split_cost_tokens = SPLIT_COST_TOKENS
+        self.floor_tokens = FLOOR_TOKENS
         self._checkpointing = False
         self._ended: list[tuple[int, TrialResult]] = []
 
@@ -358,17 +359,23 @@ class PackedRunner:
         self._trials[slot] = trial
         callbacks.on_step(0, steps)
 
-    def advance(self) -> list[tuple[int, TrialResult]]:
+    def advance(self, max_steps: int | None = None) -> list[tuple[int, TrialResult]]:
         """Step every active trial together until at least one ends; the ended ones, their slots freed.
 
+        `max_steps`: return after that many pack steps even if no trial ended (an auto-sized pack
+        measures its memory after one step and takes more trials at once).
         torch.OutOfMemoryError in a pack step propagates with the pack rewound to the start of each
         trial's current optimizer step (partial gradients dropped), ready to `close()` or go on.
         """
         if self._ended:
             ended, self._ended = self._ended, []
             return ended
+        stepped = 0
         while self._trials:
             ended = self._pack_step()
+            stepped += 1
+            if not ended and max_steps is not None and stepped >= max_steps:
+                return []
             if ended:
                 scores = self._score_together([trial for trial, outcome in ended if outcome == "complete"])
                 return [self._finish(trial, outcome, scores.get(trial.slot)) for trial, outcome in ended]
@@ -449,8 +456,8 @@ class PackedRunner:
     ) -> tuple[list[float], list[float]]:
         """Each trial's mean label-token loss of its micro-batch, and each slot's gradient norm after it.
 
-        The rows are cut into length-sorted chunks where that saves more padding than another
-        forward costs (`plan_chunks`), each chunk backpropagated as soon as its loss is known.
+        The rows are cut into length-sorted chunks where that saves more padding than the extra
+        forwards cost (`plan_chunks`), each chunk backpropagated as soon as its loss is known.
         Every trial's loss is backpropagated, finite or not: its gradient reaches its own slot
         only (rows never mix, and the base is frozen), which the caller clears if it diverged.
         The host waits for the device once, for these numbers.
@@ -468,7 +475,7 @@ class PackedRunner:
         divisor = [
             max(count * trial.params.gradient_accumulation_steps, 1) for count, trial in zip(counts, trials)
         ]
-        chunks = plan_chunks([len(row["input_ids"]) for row in rows], self.split_cost_tokens)
+        chunks = plan_chunks([len(row["input_ids"]) for row in rows], self.floor_tokens)
         if chunks is None:
             sizes = {len(batch["input_ids"]) for batch in batches}
             chunks, grouped = [list(range(len(rows)))], len(sizes) == 1

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core.trial import TrialParams
 from runners.packed import plan_chunks
-from sweeps.executors.packed import AUTO_MAX, auto_capacity
+from sweeps.executors.base import TrialJob
+from sweeps.executors.packed import AUTO_MAX, AUTO_START, Packed, auto_capacity
 
 GB = 10**9
 
@@ -28,7 +35,7 @@ def test_a_pack_keeps_at_least_one_trial_and_at_most_the_maximum() -> None:
 
 def test_rows_of_very_different_lengths_are_cut_where_padding_costs_more_than_a_forward() -> None:
     lengths = [400, 90] * 8  # 8 short and 8 long rows, interleaved as trials hand them in
-    chunks = plan_chunks(lengths, cost_tokens=1000)
+    chunks = plan_chunks(lengths, floor_tokens=1000)
     assert chunks is not None and [sorted(lengths[i] for i in chunk) for chunk in chunks] == [
         [90] * 8,
         [400] * 8,
@@ -36,6 +43,84 @@ def test_rows_of_very_different_lengths_are_cut_where_padding_costs_more_than_a_
     assert sorted(i for chunk in chunks for i in chunk) == list(range(16))
 
 
-def test_rows_stay_one_batch_when_a_cut_saves_less_than_it_costs() -> None:
-    assert plan_chunks([400, 90] * 8, cost_tokens=8 * 310 + 1) is None
-    assert plan_chunks([200] * 32, cost_tokens=0) is None
+def test_rows_stay_one_batch_when_each_cut_off_part_would_cost_the_launch_floor_anyway() -> None:
+    # One chunk: 16 x 400 = 6400 tokens; two: the 8 short rows cost the floor, 3200, as do the long.
+    assert plan_chunks([400, 90] * 8, floor_tokens=3200) is None
+    assert plan_chunks([200] * 32, floor_tokens=0) is None
+
+
+def test_a_big_pack_of_mixed_lengths_is_cut_into_chunks_that_each_fill_the_floor() -> None:
+    # Six trials x 16 rows of 100..400 tokens: one chunk pads 96 rows to 400 (38,400 tokens).
+    lengths = [100 + (i * 37) % 301 for i in range(96)]
+    chunks = plan_chunks(lengths, floor_tokens=8192)
+    assert chunks is not None and 2 <= len(chunks) <= 4
+    padded = [len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks]
+    assert sum(max(p, 8192) for p in padded) < 0.85 * 96 * 400
+    assert min(padded) >= 8192 * 0.5  # no chunk so small that its launches dominate
+
+
+class FakePack:
+    """A pack that records how it is stepped; no trial in it ever ends."""
+
+    def __init__(self, runner, capacity: int) -> None:
+        self.capacity = capacity
+        self.trials: list[int] = []
+        self.steps: list[tuple[int, int | None]] = []
+
+    def active(self) -> list[int]:
+        return list(self.trials)
+
+    def add(self, params, output_dir, callbacks, number: int) -> None:
+        self.trials.append(number)
+
+    def advance(self, max_steps: int | None = None) -> list:
+        self.steps.append((len(self.trials), max_steps))
+        return []
+
+
+@pytest.fixture
+def auto_pack(monkeypatch) -> Packed:
+    """An auto-sized pack on a pretend 85 GB GPU where each trial's step needs `per_trial` bytes."""
+    packs: list[FakePack] = []
+    monkeypatch.setattr(
+        "sweeps.executors.packed.PackedRunner",
+        lambda runner, capacity: packs.append(FakePack(runner, capacity)) or packs[-1],
+    )
+    host = SimpleNamespace(
+        callbacks=lambda job, on_step: None, tracker=SimpleNamespace(monitor_system=lambda run_id: None)
+    )
+    monkeypatch.setattr("sweeps.executors.packed.TrialHost", lambda config, store, runner: host)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: len(packs[0].trials) * executor.per_trial)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=85 * GB)
+    )
+    runner = SimpleNamespace(models=SimpleNamespace(base=lambda quantized: torch.nn.Linear(1, 1)))
+    executor = Packed(SimpleNamespace(), SimpleNamespace(), runner, on_step=lambda *a: None, capacity=None)
+    executor.fake_packs = packs
+    executor.per_trial = GB
+    return executor
+
+
+def job(number: int) -> TrialJob:
+    return TrialJob(
+        number=number, trial_id=number, params=TrialParams(), run_id=f"run-{number}", work_dir="."
+    )
+
+
+def test_a_full_auto_pack_steps_once_then_takes_more_trials_before_its_first_ones_end(auto_pack) -> None:
+    for number in range(auto_pack.capacity):
+        auto_pack.submit(job(number))
+    assert auto_pack.capacity == AUTO_START
+    auto_pack.wait(timeout=1.0)
+    assert auto_pack.fake_packs[0].steps == [(AUTO_START, 1)]
+    assert auto_pack.capacity == 2 * AUTO_START  # the loop now hands it more trials at once
+
+
+def test_an_auto_pack_that_fits_no_more_runs_until_a_trial_ends_after_one_measured_step(auto_pack) -> None:
+    auto_pack.per_trial = 20 * GB  # 85% of 85 GB holds 3 such trials: this pack is full
+    for number in range(AUTO_START):
+        auto_pack.submit(job(number))
+    auto_pack.wait(timeout=1.0)
+    auto_pack.wait(timeout=1.0)
+    assert auto_pack.fake_packs[0].steps == [(AUTO_START, 1), (AUTO_START, None)]

@@ -169,7 +169,7 @@ def test_four_packed_trials_train_exactly_as_one_at_a_time(runner, solo, tmp_pat
 
 def test_a_pack_step_cut_into_length_sorted_chunks_trains_as_one_at_a_time(runner, solo, tmp_path):
     pack = PackedRunner(runner, 4)
-    pack.split_cost_tokens = 0  # every cut pays: each step becomes chunks of 8 rows of mixed trials
+    pack.floor_tokens = 0  # every cut pays: each step becomes chunks of 8 rows of mixed trials
     packed = run_pack(runner, FOUR, 4, tmp_path, pack)
     for number in FOUR:
         assert_same_training(packed[number], solo[number])

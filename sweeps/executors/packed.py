@@ -63,6 +63,8 @@ class Packed(Executor):
         self.waiting: list[TrialJob] = []
         self.solo: list[TrialJob] = []
         self.monitors: dict[int, SystemMetrics] = {}
+        self.measured: dict[str, int] = {}
+        """Per pack: the size whose step memory was last measured to grow the pack."""
         self.turn = 0
 
     def submit(self, job: TrialJob) -> None:
@@ -102,9 +104,10 @@ class Packed(Executor):
                 return []
             method = busy[self.turn % len(busy)]
             self.turn += 1
-            stepped = len(self.packs[method].active())
+            pack = self.packs[method]
+            stepped = len(pack.active())
             try:
-                ended = self.packs[method].advance()
+                ended = pack.advance(max_steps=1 if self._may_grow(method, stepped) else None)
             except torch.OutOfMemoryError:
                 return self._shrink(method)
             self._resize(method, stepped)
@@ -138,6 +141,18 @@ class Packed(Executor):
         waiting, self.waiting = self.waiting, []
         for job in waiting:
             self._add(job)
+
+    def _may_grow(self, method: str, active: int) -> bool:
+        """Whether one step of a full auto pack may show room for more trials: then the pack steps
+        once, is resized, and the loop hands it the extra trials at once rather than at the end
+        of the current ones. Once per pack size, so a pack that fits no more runs undisturbed."""
+        if not (self.auto and torch.cuda.is_available()):
+            return False
+        grows = active >= self.capacity < self.packs[method].capacity
+        if grows and self.measured.get(method) != active:
+            self.measured[method] = active
+            return True
+        return False
 
     def _resize(self, method: str, stepped: int) -> None:
         """Grow or shrink an auto pack to what the peak memory of steps with `stepped` trials says fits.

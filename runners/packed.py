@@ -143,6 +143,31 @@ def plan_chunks(lengths: list[int], floor_tokens: int, granularity: int = 8) -> 
     return None if len(chunks) == 1 else chunks[::-1]
 
 
+def plan_parts(lengths: list[list[int]], floor_tokens: int) -> list[list[int]] | None:
+    """Equal micro-batches (one list of row lengths per trial) cut by length into equal parts.
+
+    Each trial's rows are sorted by length and cut into q equal runs; chunk j holds run j of every
+    trial, in trial order, so a chunk is still one equal run per trial (routed a run at a time,
+    `Routing.by_group`) and is padded only to its own longest row. q is the divisor of the
+    micro-batch size with the least summed cost, a chunk costing as in `plan_chunks`. Rows are
+    indexed trial after trial. None: one part is best (the rows keep their order).
+    """
+    size = len(lengths[0])
+    flat = [length for trial in lengths for length in trial]
+    orders = [sorted(range(size), key=trial.__getitem__) for trial in lengths]
+    best, best_cost = None, math.inf
+    for parts in (q for q in range(1, size + 1) if size % q == 0):
+        run = size // parts
+        chunks = [
+            [t * size + order[i] for t, order in enumerate(orders) for i in range(j * run, (j + 1) * run)]
+            for j in range(parts)
+        ]
+        cost = sum(max(len(chunk) * max(flat[i] for i in chunk), floor_tokens) for chunk in chunks)
+        if cost < best_cost:
+            best, best_cost = chunks, cost
+    return None if len(best) == 1 else best
+
+
 @dataclass
 class PackBatch:
     """One forward/backward of a pack step on the device, with what its loss needs worked out on the host.
@@ -457,7 +482,8 @@ class PackedRunner:
         """Each trial's mean label-token loss of its micro-batch, and each slot's gradient norm after it.
 
         The rows are cut into length-sorted chunks where that saves more padding than the extra
-        forwards cost (`plan_chunks`), each chunk backpropagated as soon as its loss is known.
+        forwards cost: equal micro-batches into parts that keep one run per trial (`plan_parts`),
+        others into chunks of mixed trials (`plan_chunks`), each chunk backpropagated as soon as its loss is known.
         Every trial's loss is backpropagated, finite or not: its gradient reaches its own slot
         only (rows never mix, and the base is frozen), which the caller clears if it diverged.
         The host waits for the device once, for these numbers.
@@ -475,12 +501,13 @@ class PackedRunner:
         divisor = [
             max(count * trial.params.gradient_accumulation_steps, 1) for count, trial in zip(counts, trials)
         ]
-        chunks = plan_chunks([len(row["input_ids"]) for row in rows], self.floor_tokens)
-        if chunks is None:
-            sizes = {len(batch["input_ids"]) for batch in batches}
-            chunks, grouped = [list(range(len(rows)))], len(sizes) == 1
+        lengths = [[len(ids) for ids in batch["input_ids"]] for batch in batches]
+        grouped = len({len(trial) for trial in lengths}) == 1
+        if grouped:
+            chunks = plan_parts(lengths, self.floor_tokens)
         else:
-            grouped = False
+            chunks = plan_chunks([length for trial in lengths for length in trial], self.floor_tokens)
+        chunks = chunks or [list(range(len(rows)))]
         model.train()
         self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))
         sums = torch.zeros(len(trials), device=adapters.device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.trial import TrialParams
-from runners.packed import plan_chunks
+from runners.packed import plan_chunks, plan_parts
 from sweeps.executors.base import TrialJob
 from sweeps.executors.packed import AUTO_MAX, AUTO_START, Packed, auto_capacity
 
@@ -124,3 +124,14 @@ def test_an_auto_pack_that_fits_no_more_runs_until_a_trial_ends_after_one_measur
     auto_pack.wait(timeout=1.0)
     auto_pack.wait(timeout=1.0)
     assert auto_pack.fake_packs[0].steps == [(AUTO_START, 1), (AUTO_START, None)]
+
+
+def test_equal_micro_batches_are_cut_into_length_parts_that_keep_one_run_per_trial() -> None:
+    # Two trials (rows 0-3 and 4-7), two short and two long rows each. Halves: the short rows of
+    # both trials (4 x 100 tokens, raised to the floor of 500), then the long ones (4 x 410).
+    lengths = [[400, 90, 410, 80], [100, 390, 95, 405]]
+    assert plan_parts(lengths, floor_tokens=500) == [[3, 1, 6, 4], [0, 2, 5, 7]]
+
+
+def test_a_micro_batch_stays_whole_when_its_parts_would_each_cost_the_launch_floor() -> None:
+    assert plan_parts([[400, 90, 410, 80], [100, 390, 95, 405]], floor_tokens=1640) is None

@@ -352,6 +352,57 @@ class WorkersConfig(_Section):
             "auto: sized to free GPU memory (1 on CPU, where packing saves nothing)"
         ),
     )
+    gpus_per_trial: Annotated[int, Field(strict=True, ge=1)] = Field(
+        1,
+        description=(
+            "GPUs one trial trains on, as a gang of that many processes (see `distributed:`); the visible "
+            "GPUs are split into gangs that each run one trial at a time. 1: one GPU a trial"
+        ),
+    )
+
+
+DistributedStrategy = Literal["zero2", "zero3", "fsdp"]
+
+
+class DistributedConfig(_Section):
+    """How a gang trial (`workers.gpus_per_trial` > 1) spreads its model over its processes."""
+
+    strategy: DistributedStrategy = Field(
+        "fsdp",
+        description=(
+            "fsdp: PyTorch FSDP2 through accelerate (parameters, gradients and optimizer state sharded); "
+            "zero2 / zero3: DeepSpeed ZeRO stage 2 (gradients and optimizer state) or 3 (also parameters)"
+        ),
+    )
+    offload: bool = Field(False, description="keep sharded parameters and optimizer state in CPU memory")
+    config_file: Path | None = Field(
+        None,
+        description=(
+            "a DeepSpeed JSON or an accelerate config YAML (as LLaMA-Factory recipes have them), "
+            "relative to this file; it decides the strategy and offload, so set those or this, not both"
+        ),
+    )
+    allow_cpu: bool = Field(
+        False,
+        description=(
+            "with no GPU visible, run a gang as gpus_per_trial CPU processes over gloo (tests, CI); "
+            "slower than one process, never a speed-up"
+        ),
+    )
+
+    # What config_file says, read when the config is loaded: the strategy it picks and its settings.
+    _file_strategy: DistributedStrategy | None = PrivateAttr(None)
+    _file_settings: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def effective_strategy(self) -> DistributedStrategy:
+        """The strategy a gang trains with: config_file's when one is given, else `strategy`."""
+        return self._file_strategy or self.strategy
+
+    @property
+    def file_settings(self) -> dict[str, Any]:
+        """config_file's settings: a DeepSpeed config, or an accelerate YAML's `fsdp_config` section."""
+        return dict(self._file_settings)
 
 
 class SamplerConfig(_Section):
@@ -397,6 +448,7 @@ class SweepConfig(_Section):
     backend: Literal["local", "ray"] = "local"
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     source: Path = Field(Path("<memory>"), exclude=True)
@@ -841,6 +893,95 @@ def _check_pruner(cfg: SweepConfig, err) -> None:
         )
 
 
+_ZERO_STRATEGIES: dict[Any, DistributedStrategy] = {2: "zero2", 3: "zero3"}
+
+
+def _deepspeed_strategy(settings: Any, field: tuple, err) -> DistributedStrategy:
+    """The strategy a DeepSpeed config asks for: ZeRO stage 2 or 3, the stages a gang trains with."""
+    if not isinstance(settings, dict):
+        raise err(field, "a DeepSpeed config must be a JSON object")
+    zero = settings.get("zero_optimization")
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    if stage not in _ZERO_STRATEGIES:
+        raise err(field, f"DeepSpeed zero_optimization.stage is {stage!r}; gangs train with stage 2 or 3")
+    return _ZERO_STRATEGIES[stage]
+
+
+def _read_distributed_file(path: Path, field: tuple, err) -> tuple[DistributedStrategy, dict[str, Any]]:
+    """The strategy and settings of a DeepSpeed JSON or an accelerate config YAML."""
+    import json
+
+    if path.suffix == ".json":
+        try:
+            settings = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise err(field, f"{path} is not valid JSON: {exc}") from None
+        return _deepspeed_strategy(settings, field, err), settings
+    if path.suffix not in (".yaml", ".yml"):
+        raise err(field, f"{path} must be a DeepSpeed .json or an accelerate config .yaml/.yml")
+    try:
+        accelerate = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise err(field, f"{path} is not valid YAML: {exc}") from None
+    kind = accelerate.get("distributed_type") if isinstance(accelerate, dict) else None
+    if kind == "FSDP":
+        section = accelerate.get("fsdp_config") or {}
+        if not isinstance(section, dict):
+            raise err(field, f"{path}: fsdp_config must be a mapping")
+        return "fsdp", section
+    if kind == "DEEPSPEED":
+        section = accelerate.get("deepspeed_config") or {}
+        if not isinstance(section, dict):
+            raise err(field, f"{path}: deepspeed_config must be a mapping")
+        if section.get("deepspeed_config_file"):
+            return _read_distributed_file(path.parent / section["deepspeed_config_file"], field, err)
+        # accelerate's own keys for a DeepSpeed run, as the DeepSpeed config they stand for.
+        settings = {
+            "zero_optimization": {
+                "stage": section.get("zero_stage"),
+                "offload_optimizer": {"device": section.get("offload_optimizer_device", "none")},
+                "offload_param": {"device": section.get("offload_param_device", "none")},
+            }
+        }
+        return _deepspeed_strategy(settings, field, err), settings
+    raise err(field, f"{path}: distributed_type is {kind!r}; allowed: FSDP, DEEPSPEED")
+
+
+def _check_gangs(cfg: SweepConfig, base: Path, err) -> None:
+    """Gang settings that the file alone decides; the visible GPUs are checked by preflight."""
+    dist, workers = cfg.distributed, cfg.workers
+    if workers.gpus_per_trial == 1:
+        if "distributed" in cfg.model_fields_set:
+            raise err(("distributed",), "applies to gang trials only: set workers.gpus_per_trial > 1")
+        return
+    field = ("workers", "gpus_per_trial")
+    if cfg.backend == "ray":
+        raise err(field, "gang trials run on the local backend; Ray gangs are not built yet")
+    if cfg.pruner.type != "none":
+        # Rank 0 would score and decide while the other ranks wait in a collective: not built yet.
+        raise err(
+            ("pruner", "type"), "gang trials (workers.gpus_per_trial > 1) cannot be pruned yet; use none"
+        )
+    for name in ("count", "trials_per_gpu"):
+        if name in workers.model_fields_set:
+            raise err(
+                ("workers", name),
+                "does not apply to gang trials: the visible GPUs / gpus_per_trial gangs run at once",
+            )
+    if isinstance(workers.pack, int) and workers.pack > 1:
+        raise err(("workers", "pack"), "gang trials are not packed; remove pack or set it to 1")
+    if dist.config_file is None:
+        return
+    field = ("distributed", "config_file")
+    for name in ("strategy", "offload"):
+        if name in dist.model_fields_set:
+            raise err(field, f"decides the strategy and offload itself; remove distributed.{name}")
+    dist.config_file = (base / dist.config_file).expanduser().resolve()
+    if not dist.config_file.is_file():
+        raise err(field, f"file not found: {dist.config_file}")
+    dist._file_strategy, dist._file_settings = _read_distributed_file(dist.config_file, field, err)
+
+
 def parse_config(text: str, file: Path) -> SweepConfig:
     """Validate YAML text as a `SweepConfig`; `file` is used for messages and relative paths."""
 
@@ -883,6 +1024,7 @@ def parse_config(text: str, file: Path) -> SweepConfig:
     _check_tracking(cfg, err)
     _check_chat_template(cfg, err)
     _check_multi_objective(cfg, err)
+    _check_gangs(cfg, file.parent, err)
     _resolve_data_source(cfg, file.parent, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
+from typing import Any
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
@@ -225,7 +226,22 @@ class TrialRunner:
             report_to="none",
             disable_tqdm=True,
             dataloader_pin_memory=on_gpu,
+            **self.trainer_arguments(params),
         )
+
+    def trainer_arguments(self, params: TrialParams) -> dict[str, Any]:
+        """Further `SFTConfig` arguments of this kind of runner; none for a trial in one process.
+
+        A gang's runner (`runners.gang`) adds its process group's: FSDP or DeepSpeed, the backend.
+        """
+        return {}
+
+    def trained_model(self, trainer: SFTTrainer, model: torch.nn.Module, params: TrialParams):
+        """The model to score and save once training is done, or None where this process does neither.
+
+        In one process that is the model trained; a gang's runner consolidates its shards on rank 0.
+        """
+        return model
 
     def _save(
         self, model, tokenizer, params: TrialParams, output_dir: Path, trial_number: int | None
@@ -328,6 +344,9 @@ class TrialRunner:
                 "train_tokens_per_s": tokens / timings.train_s if timings.train_s > 0 else 0.0,
                 "truncated_rows": train.truncated_rows,
             }
+            model = self.trained_model(trainer, trainable.model, params)
+            if model is None:
+                return TrialResult(status=TrialStatus.COMPLETE, **measured)
             if pruning is not None and pruning.pruned_at is not None:
                 return TrialResult(
                     status=TrialStatus.PRUNED,
@@ -336,9 +355,9 @@ class TrialRunner:
                     **measured,
                 )
             started = perf_counter()
-            score = self.objective.score(trainable.model, tokenizer, eval_data)
+            score = self.objective.score(model, tokenizer, eval_data)
             timings.eval_s += perf_counter() - started
-            saved = self._save(trainable.model, tokenizer, params, output_dir, trial_number)
+            saved = self._save(model, tokenizer, params, output_dir, trial_number)
         finally:
             trainable.release()
             shutil.rmtree(output_dir / "trainer", ignore_errors=True)

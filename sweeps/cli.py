@@ -105,7 +105,13 @@ def _load(path: Path) -> SweepConfig:
 
 
 def _executor(config: SweepConfig, store: Store, runner, on_ray: bool, count: int, ray_address: str | None):
-    """The executor factory for this invocation: Ray actors, `count` worker processes, or this process."""
+    """The executor factory for this invocation: gangs, Ray actors, `count` worker processes, or this process."""
+    if config.workers.gpus_per_trial > 1:
+        from sweeps.executors.devices import visible_gpus
+        from sweeps.executors.gang import GangExecutor, gang_devices
+
+        gangs = gang_devices(visible_gpus(), config.workers.gpus_per_trial)
+        return lambda parent_id, on_step: GangExecutor(config, store, gangs, on_step)
     if on_ray:
         from sweeps.executors.ray import RayActors
 
@@ -130,9 +136,15 @@ def _run(
     from sweeps.executors.devices import pin_to, visible_gpus
 
     on_ray = (backend or config.backend) == "ray"
+    gangs = config.workers.gpus_per_trial > 1
+    if gangs and (on_ray or workers):
+        option = "--backend ray" if on_ray else "--workers"
+        _fail_input(
+            config.error("workers.gpus_per_trial", f"gang trials run on their own; {option} does not apply")
+        )
     gpus = visible_gpus()
     count = workers or config.workers.count or max(len(gpus), 1) * config.workers.trials_per_gpu
-    if not on_ray and count == 1 and gpus:
+    if not on_ray and count == 1 and gpus and not gangs:
         # Before anything starts CUDA here: this process runs the trials, on exactly one GPU.
         pin_to(gpus[0])
     quiet_libraries()

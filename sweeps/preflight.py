@@ -141,20 +141,73 @@ def _check_data_files(config: SweepConfig) -> None:
             raise InputError(path, f"data file not found (set by {field} in {config.source})")
 
 
+def _qlora_field(config: SweepConfig) -> str | None:
+    """The config field through which trials may use QLoRA, or None when none can."""
+    if config.training.get("method") == "qlora":
+        return "training.method"
+    method = config.space.get("method")
+    if method is not None and "qlora" in getattr(method, "choices", []):
+        return "space.method.choices"
+    return None
+
+
+def check_gangs(config: SweepConfig, gpus: list[str]) -> None:
+    """Gang trials (`workers.gpus_per_trial` > 1) must fit the visible GPUs and their strategy.
+
+    With no GPU visible a gang runs as CPU processes over gloo only when `distributed.allow_cpu`
+    says so: that is for testing the gang path, and a user who forgot to expose the GPUs should
+    hear about it rather than wait for G slow CPU processes.
+    """
+    size = config.workers.gpus_per_trial
+    if size == 1:
+        return
+    field = "workers.gpus_per_trial"
+    shown = f"CUDA_VISIBLE_DEVICES={','.join(gpus)}" if gpus else "none"
+    if not gpus and not config.distributed.allow_cpu:
+        raise config.error(
+            field,
+            f"{size} GPUs a trial, but no GPU is visible; set distributed.allow_cpu: true to run each "
+            "trial as that many CPU processes over gloo (for testing)",
+        )
+    if gpus and size > len(gpus):
+        raise config.error(field, f"{size} GPUs a trial, but only {len(gpus)} are visible ({shown})")
+    if gpus and len(gpus) % size:
+        divisors = [str(n) for n in range(1, len(gpus) + 1) if len(gpus) % n == 0]
+        raise config.error(
+            field,
+            f"{size} does not divide the {len(gpus)} visible GPUs ({shown}), so "
+            f"{len(gpus) % size} would stay idle; use one of {', '.join(divisors)}",
+        )
+    strategy = config.distributed.effective_strategy
+    strategy_field = "distributed.config_file" if config.distributed.config_file else "distributed.strategy"
+    qlora = _qlora_field(config)
+    if qlora and strategy in ("zero3", "fsdp"):
+        # Sharding the 4-bit base needs bitsandbytes' quant_storage set to the compute dtype (and
+        # for ZeRO-3 a DeepSpeed-aware load); this project loads QLoRA bases without either.
+        raise config.error(
+            strategy_field,
+            f"{strategy} shards the base model, which QLoRA trials' 4-bit base does not support here "
+            f"(QLoRA comes from {qlora}); use zero2 or remove qlora",
+        )
+    if strategy in ("zero2", "zero3"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise config.error(strategy_field, f"{strategy} needs DeepSpeed: pip install deepspeed")
+
+
 def _preflight(config: SweepConfig, store: Store):
     from runners.models import check_model_source, qlora_unavailable_reason
     from runners.sft import TrialRunner
+    from sweeps.executors.devices import visible_gpus
 
     _check_data_files(config)
     _check_outputs(config, store)
-    method = config.space.get("method")
-    wants_qlora = config.training.get("method") == "qlora" or (
-        method is not None and "qlora" in getattr(method, "choices", [])
-    )
-    reason = qlora_unavailable_reason() if wants_qlora else None
+    check_gangs(config, visible_gpus())
+    qlora = _qlora_field(config)
+    reason = qlora_unavailable_reason() if qlora else None
     if reason:
-        field = "training.method" if config.training.get("method") == "qlora" else "space.method.choices"
-        raise InputError(config.source, f"{reason}; remove qlora or run on a GPU", field)
+        raise InputError(config.source, f"{reason}; remove qlora or run on a GPU", qlora)
     check_model_source(config.model, config.source)
     _check_target_modules(config)
     runner = TrialRunner(config, cache_dir=store.tokenized)

@@ -1,0 +1,344 @@
+"""Gang trials (issue 13): a trial trained by `workers.gpus_per_trial` processes together.
+
+The fast tests cover the config fields, the preflight checks against the visible GPUs and how the
+executor ends a gang whose ranks fail or die. The slow one is the acceptance test: on CPU, a gang
+of two gloo processes training with FSDP2 follows the loss curve of the one-process trial with the
+same global batch and records one MLflow child run per trial.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from core.config import parse_config
+from core.errors import InputError
+from core.store import Store
+from core.trial import TrialParams, TrialResult, TrialStatus
+from runners.gang import distributed_arguments
+from sweeps.executors.base import Finished, Lost, TrialJob
+from sweeps.executors.gang import GangExecutor, gang_devices
+from tests.test_bad_inputs import error_line, line_of, no_trial_ran, sweep
+from tests.test_config import VALID
+
+FILE = Path("spaces/x.yaml")
+GANG = "workers:\n  gpus_per_trial: 2\n"
+
+
+def error_for(text: str, file: Path = FILE) -> InputError:
+    with pytest.raises(InputError) as caught:
+        parse_config(text, file)
+    return caught.value
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_a_gang():
+    config = parse_config(VALID, FILE)
+    assert config.workers.gpus_per_trial == 1
+    assert config.distributed.effective_strategy == "fsdp"
+    assert config.distributed.offload is False and config.distributed.allow_cpu is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        ("workers:\n  gpus_per_trial: 0\n", "workers.gpus_per_trial", "greater than or equal to 1"),
+        ("workers:\n  gpus_per_trial: true\n", "workers.gpus_per_trial", "not the boolean true"),
+        ("workers:\n  gpus_per_trial: 1.5\n", "workers.gpus_per_trial", "valid integer"),
+        (GANG + "distributed:\n  strategy: zero1\n", "distributed.strategy", "'zero2', 'zero3' or 'fsdp'"),
+        (GANG + "distributed:\n  offload: maybe\n", "distributed.offload", "valid boolean"),
+        (GANG + "distributed:\n  shard: yes\n", "distributed.shard", "allowed: strategy, offload"),
+        ("distributed:\n  strategy: zero3\n", "distributed", "gang trials only"),
+        (GANG + "pruner:\n  type: median\n  eval_every_steps: 2\n", "pruner.type", "cannot be pruned"),
+        (GANG + "backend: ray\n", "workers.gpus_per_trial", "local backend"),
+        ("workers:\n  gpus_per_trial: 2\n  count: 2\n", "workers.count", "does not apply to gang"),
+        ("workers:\n  gpus_per_trial: 2\n  pack: 4\n", "workers.pack", "not packed"),
+        (GANG + "distributed:\n  config_file: ds.json\n", "distributed.config_file", "file not found"),
+    ],
+)
+def test_a_bad_gang_setting_is_one_error_at_its_line(extra, field, words):
+    text = VALID + extra
+    error = error_for(text)
+    assert error.field == field
+    assert words in error.message
+    key = field.rsplit(".", 1)[-1]
+    assert error.line == max(n for n, line in enumerate(text.splitlines(), 1) if line.strip().startswith(key))
+
+
+def test_a_deepspeed_json_decides_the_strategy(tmp_path):
+    (tmp_path / "ds_z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    config = parse_config(VALID + GANG + "distributed:\n  config_file: ds_z3.json\n", tmp_path / "x.yaml")
+    assert config.distributed.config_file == (tmp_path / "ds_z3.json").resolve()
+    assert config.distributed.effective_strategy == "zero3"
+    assert config.distributed.file_settings == {"zero_optimization": {"stage": 3}}
+
+
+def test_an_accelerate_yaml_gives_its_fsdp_settings_to_the_trainer(tmp_path):
+    (tmp_path / "fsdp.yaml").write_text(
+        "distributed_type: FSDP\nfsdp_config:\n  fsdp_reshard_after_forward: false\n  fsdp_offload_params: true\n"
+    )
+    config = parse_config(VALID + GANG + "distributed:\n  config_file: fsdp.yaml\n", tmp_path / "x.yaml")
+    assert config.distributed.effective_strategy == "fsdp"
+    arguments = distributed_arguments(config, on_gpu=False)
+    # transformers drops the fsdp_ prefix of accelerate's key names itself.
+    assert arguments["fsdp_config"] == {
+        "version": 2,
+        "fsdp_reshard_after_forward": False,
+        "fsdp_offload_params": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("ds.json", json.dumps({"zero_optimization": {"stage": 1}}), "stage 2 or 3"),
+        ("ds.json", "{not json", "not valid JSON"),
+        ("acc.yaml", "distributed_type: MULTI_GPU\n", "allowed: FSDP, DEEPSPEED"),
+        ("ds.toml", "", "must be a DeepSpeed .json or an accelerate config .yaml"),
+    ],
+)
+def test_a_config_file_the_gang_cannot_use_is_named(tmp_path, name, content, words):
+    (tmp_path / name).write_text(content)
+    text = VALID + GANG + f"distributed:\n  config_file: {name}\n"
+    error = error_for(text, tmp_path / "x.yaml")
+    assert error.field == "distributed.config_file" and words in error.message
+    assert error.line == len(text.splitlines())
+
+
+def test_a_config_file_and_a_strategy_are_not_both_allowed(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    text = VALID + GANG + "distributed:\n  strategy: zero3\n  config_file: ds.json\n"
+    error = error_for(text, tmp_path / "x.yaml")
+    assert error.field == "distributed.config_file" and "remove distributed.strategy" in error.message
+
+
+def test_a_cpu_gang_trains_with_fsdp2_over_gloo_and_zero_gets_a_deepspeed_config():
+    fsdp = parse_config(VALID + GANG + "distributed:\n  allow_cpu: true\n", FILE)
+    assert distributed_arguments(fsdp, on_gpu=False) == {
+        "use_cpu": True,
+        "ddp_backend": "gloo",
+        "fsdp": True,
+        "fsdp_config": {"version": 2, "cpu_offload": False},
+    }
+    zero3 = parse_config(VALID + GANG + "distributed:\n  strategy: zero3\n  offload: true\n", FILE)
+    arguments = distributed_arguments(zero3, on_gpu=True)
+    assert set(arguments) == {"deepspeed"}
+    assert arguments["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert arguments["deepspeed"]["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+
+def test_the_visible_gpus_are_split_into_consecutive_gangs():
+    assert gang_devices(["0", "1", "2", "3"], 2) == [["0", "1"], ["2", "3"]]
+    assert gang_devices(["4", "5", "6", "7"], 4) == [["4", "5", "6", "7"]]
+    assert gang_devices([], 2) == [[]]  # a CPU gang (distributed.allow_cpu)
+
+
+# -- preflight, through `sweep run` ---------------------------------------------------------------
+
+
+def gang_yaml(write_config, extra: str = "", training: str = "") -> Path:
+    return write_config(
+        space="learning_rate: {type: categorical, choices: [0.01]}",
+        training=f"method: full\nmax_steps: 4\nper_device_batch_size: 4\ncutoff_len: 48\n{training}",
+        extra=extra,
+    )
+
+
+@pytest.mark.parametrize(
+    ("visible", "extra", "field", "words"),
+    [
+        ("0,1", "workers:\n  gpus_per_trial: 4", "workers.gpus_per_trial", "only 2 are visible"),
+        ("0,1,2", GANG, "workers.gpus_per_trial", "does not divide the 3 visible GPUs"),
+        ("", GANG, "workers.gpus_per_trial", "no GPU is visible; set distributed.allow_cpu"),
+    ],
+)
+def test_a_gang_that_does_not_fit_the_visible_gpus_stops_before_any_trial(
+    write_config, project, monkeypatch, visible, extra, field, words
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    config = gang_yaml(write_config, extra)
+    line = error_line(sweep("run", config, "--trials", 1))
+    assert f"{config}:{line_of(config, 'gpus_per_trial')}: {field}: " in line
+    assert words in line
+    assert no_trial_ran(project)
+
+
+def test_zero3_with_qlora_stops_before_any_trial(write_config, project, monkeypatch):
+    # Checked before QLoRA's own need for CUDA, so a CPU machine reports it too.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    config = gang_yaml(write_config, GANG + "distributed:\n  strategy: zero3")
+    config.write_text(config.read_text().replace("method: full", "method: qlora"))
+    line = error_line(sweep("run", config, "--trials", 1))
+    assert f"{config}:{line_of(config, 'strategy: zero3')}: distributed.strategy: zero3 shards" in line
+    assert "training.method" in line
+    assert no_trial_ran(project)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
+def test_zero2_without_deepspeed_installed_stops_before_any_trial(write_config, project, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    config = gang_yaml(write_config, GANG + "distributed:\n  strategy: zero2")
+    line = error_line(sweep("run", config, "--trials", 1))
+    assert "distributed.strategy: zero2 needs DeepSpeed: pip install deepspeed" in line
+    assert no_trial_ran(project)
+
+
+def test_the_workers_option_does_not_apply_to_gangs(write_config, project):
+    config = gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true")
+    line = error_line(sweep("run", config, "--trials", 1, "--workers", 2))
+    assert "workers.gpus_per_trial: gang trials run on their own; --workers does not apply" in line
+    assert no_trial_ran(project)
+
+
+# -- how the executor ends a gang -----------------------------------------------------------------
+
+
+def fake_ranks(monkeypatch, scripts: list[str]) -> None:
+    """Start rank r as `python -c scripts[r]` (given the gang folder as argv[1]) instead of a trainer."""
+    import subprocess
+
+    def start(self, rank, devices, port, files):
+        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(scripts[rank]), str(files.folder)])
+
+    monkeypatch.setattr(GangExecutor, "_start_rank", start)
+
+
+def run_one_job(tmp_path: Path, write_config) -> list:
+    config = parse_config(
+        gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true").read_text(), tmp_path / "g.yaml"
+    )
+    executor = GangExecutor(config, Store(tmp_path / "mlruns"), [[]], lambda *step: None)
+    job = TrialJob(number=3, trial_id=3, params=TrialParams(), run_id="r", work_dir=str(tmp_path / "t3"))
+    executor.submit(job)
+    started = time.monotonic()
+    events = []
+    while not events and time.monotonic() - started < 30:
+        events = executor.wait(timeout=1)
+    executor.close()
+    return events
+
+
+FAILED_ON_RANK_1 = TrialResult(
+    status=TrialStatus.FAILED, error="OutOfMemoryError: boom", peak_memory_mb=123.0, failure_kind="oom"
+)
+WAITS_FOR_EVER = "import time; time.sleep(600)"
+
+
+def test_a_rank_that_fails_its_trial_fails_it_with_its_own_error_and_memory(
+    tmp_path, write_config, monkeypatch
+):
+    fails = f"""
+        import sys, pathlib
+        pathlib.Path(sys.argv[1], "result-rank1.json").write_text({FAILED_ON_RANK_1.model_dump_json()!r})
+        sys.exit(1)
+    """
+    fake_ranks(monkeypatch, [WAITS_FOR_EVER, fails])
+    started = time.monotonic()
+    [event] = run_one_job(tmp_path, write_config)
+    assert time.monotonic() - started < 20  # rank 0, blocked in its collective, was stopped
+    assert isinstance(event, Finished) and event.number == 3
+    assert event.result.status == TrialStatus.FAILED and event.result.failure_kind == "oom"
+    assert event.result.error == "rank 1 of 2: OutOfMemoryError: boom"
+    assert event.result.peak_memory_mb == 123.0
+
+
+def test_a_rank_that_dies_loses_the_trial_so_the_loop_retries_it(tmp_path, write_config, monkeypatch):
+    fake_ranks(monkeypatch, [WAITS_FOR_EVER, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    [event] = run_one_job(tmp_path, write_config)
+    assert isinstance(event, Lost) and event.number == 3
+    assert "rank 1 of the trial's gang of 2 died (exit code -9)" in event.reason
+
+
+def test_a_gang_whose_ranks_all_end_well_reports_rank_0s_result(tmp_path, write_config, monkeypatch):
+    done = TrialResult(status=TrialStatus.COMPLETE, objective=0.5)
+    writes = f"""
+        import sys, pathlib
+        pathlib.Path(sys.argv[1], "result-rank0.json").write_text({done.model_dump_json()!r})
+    """
+    fake_ranks(monkeypatch, [writes, "pass"])
+    [event] = run_one_job(tmp_path, write_config)
+    assert isinstance(event, Finished) and event.result.objective == 0.5
+
+
+# -- acceptance: a 2-process gloo gang against the 1-process trial ------------------------------------
+
+
+# Why 1e-4: both runs see the same rows in every optimizer step (the gang's two ranks take halves
+# of the global batch of 8), the loss is normalised by the global count of reply tokens in either
+# case (transformers' average_tokens_across_devices), and FSDP2 reduce-scatters float32 gradients.
+# What differs is the order of the float32 sums, which moved the losses by at most 9e-8 relative
+# here (full fine-tuning and LoRA alike); 1e-4 leaves room for that rounding to grow over more steps
+# or other hardware, while ranks that each train alone on their half batch (what transformers does
+# on CPU without use_cpu) moved the curve by 1e-2, and a batch mixed up or averaged wrongly would too.
+RTOL = 1e-4
+
+
+def trained_alone(runner, params: TrialParams, folder: Path) -> tuple[TrialResult, list[float]]:
+    """The trial in this one process, and its train_loss by step."""
+    from runners.sft import TrialCallbacks
+
+    losses: dict[int, float] = {}
+
+    def on_log(metrics: dict[str, float], step: int) -> None:
+        if "train_loss" in metrics:
+            losses[step] = metrics["train_loss"]
+
+    result = runner.run(params, folder, TrialCallbacks(on_log=on_log))
+    return result, [losses[step] for step in sorted(losses)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
+def test_a_two_process_gang_trains_the_loss_curve_of_one_process_with_the_same_global_batch(
+    write_config, monkeypatch
+):
+    from runners.sft import TrialRunner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    config = write_config(
+        space="method: {type: categorical, choices: [full, lora]}",
+        training="learning_rate: 0.01\nmax_steps: 4\nper_device_batch_size: 4\ncutoff_len: 48",
+        extra="sampler: {type: grid}\n" + GANG + "distributed:\n  allow_cpu: true",
+    )
+    config.write_text(config.read_text().replace("sampler:\n  type: random\n  seed: 0\n", ""))
+    result = sweep("run", config, "--trials", 2)
+    assert result.exit_code == 0, result.output
+
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    children = [r for r in client.search_runs([experiment]) if r.data.tags.get("sweep.role") == "trial"]
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1]  # one run a trial
+
+    baseline = TrialRunner(parse_config(config.read_text(), config))
+    for child in children:
+        method = child.data.params["method"]
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        gang_curve = [m.value for m in client.get_metric_history(child.info.run_id, "train_loss")]
+        params = TrialParams(
+            method=method, learning_rate=0.01, max_steps=4, per_device_batch_size=8, cutoff_len=48
+        )
+        alone, curve = trained_alone(baseline, params, Path(f"alone-{method}"))
+        assert len(gang_curve) == len(curve) == 4
+        assert gang_curve == pytest.approx(curve, rel=RTOL), (method, gang_curve, curve)
+        metrics = child.data.metrics
+        assert metrics["objective"] == pytest.approx(alone.objective, rel=RTOL)
+        assert metrics["train_tokens"] == alone.train_tokens  # the gang's tokens, counted over both ranks
+        assert metrics["gang_size"] == 2
+        # FSDP2 really sharded: rank 0 held about half of the weights while training.
+        assert 0.4 < metrics["gang_shard_fraction"] < 0.6
+        # The gang's figure is its largest: rank 0's after scoring, or any rank's in training.
+        assert metrics["peak_memory_mb"] >= max(
+            metrics["peak_memory_mb_rank0"], metrics["peak_memory_mb_rank1"]
+        )
+        artifact = "model" if method == "full" else "adapter"
+        names = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, artifact)}
+        assert names & {"adapter_model.safetensors", "model.safetensors"}

@@ -110,20 +110,21 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-FLOOR_TOKENS = 8192
-"""The least one forward/backward costs, in tokens of work: its kernel launches (~0.15 s a step on
-an H100 for a 0.5B model) take as long as the card computes ~8k tokens (at ~55k tokens/s)."""
+CUT_COST_TOKENS = 8192
+"""What one more forward/backward in a pack step costs, in tokens of work: its kernel launches
+(~0.15 s on an H100 for a 0.5B model) at the ~55k tokens/s the card then computes. Measured
+(`bench/pack_steps.py`): a cut's launches are not hidden behind the other chunks' arithmetic, so
+a step cut in two at 6 trials of 16 rows took 0.79 s where one chunk took 0.60 s."""
 
 
-def plan_chunks(lengths: list[int], floor_tokens: int, granularity: int = 8) -> list[list[int]] | None:
+def plan_chunks(lengths: list[int], cut_cost_tokens: int, granularity: int = 8) -> list[list[int]] | None:
     """Rows (by index) cut into length-sorted chunks, each padded only to its own longest row.
 
     Rows of the pack's trials vary in length (GSM8K rows from ~80 to ~400 tokens), and padding all
-    of them to the longest computes up to twice the real tokens. A chunk costs its padded tokens,
-    but never less than `floor_tokens`: below that its kernel launches, not the card, set the pace,
-    and above it the host queues the next chunk's launches while the card computes this one. Cuts
-    fall every `granularity` sorted rows and minimise the summed cost. None: one chunk is best (then
-    the rows keep their trial order, grouped by adapter).
+    of them to the longest computes up to twice the real tokens. A chunk costs its padded tokens
+    plus `cut_cost_tokens` for its launches; cuts fall every `granularity` sorted rows and minimise
+    the summed cost. None: one chunk is best (then the rows keep their trial order, grouped by
+    adapter).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     cuts = [*range(0, len(order), granularity), len(order)]
@@ -132,7 +133,7 @@ def plan_chunks(lengths: list[int], floor_tokens: int, granularity: int = 8) -> 
     for j in range(1, len(cuts)):
         width = lengths[order[cuts[j] - 1]]
         for i in range(j):
-            total = best[i] + max((cuts[j] - cuts[i]) * width, floor_tokens)
+            total = best[i] + (cuts[j] - cuts[i]) * width + cut_cost_tokens
             if total < best[j]:
                 best[j], previous[j] = total, i
     chunks = []
@@ -143,7 +144,7 @@ def plan_chunks(lengths: list[int], floor_tokens: int, granularity: int = 8) -> 
     return None if len(chunks) == 1 else chunks[::-1]
 
 
-def plan_parts(lengths: list[list[int]], floor_tokens: int) -> list[list[int]] | None:
+def plan_parts(lengths: list[list[int]], cut_cost_tokens: int) -> list[list[int]] | None:
     """Equal micro-batches (one list of row lengths per trial) cut by length into equal parts.
 
     Each trial's rows are sorted by length and cut into q equal runs; chunk j holds run j of every
@@ -162,7 +163,7 @@ def plan_parts(lengths: list[list[int]], floor_tokens: int) -> list[list[int]] |
             [t * size + order[i] for t, order in enumerate(orders) for i in range(j * run, (j + 1) * run)]
             for j in range(parts)
         ]
-        cost = sum(max(len(chunk) * max(flat[i] for i in chunk), floor_tokens) for chunk in chunks)
+        cost = sum(len(chunk) * max(flat[i] for i in chunk) + cut_cost_tokens for chunk in chunks)
         if cost < best_cost:
             best, best_cost = chunks, cost
     return None if len(best) == 1 else best
@@ -316,7 +317,7 @@ class PackedRunner:
         self._was_training = False
         self._trials: dict[int, _Trial] = {}
         self._norms: torch.Tensor | None = None
-        self.floor_tokens = FLOOR_TOKENS
+        self.cut_cost_tokens = CUT_COST_TOKENS
         self._checkpointing = False
         self._ended: list[tuple[int, TrialResult]] = []
 
@@ -504,9 +505,9 @@ class PackedRunner:
         lengths = [[len(ids) for ids in batch["input_ids"]] for batch in batches]
         grouped = len({len(trial) for trial in lengths}) == 1
         if grouped:
-            chunks = plan_parts(lengths, self.floor_tokens)
+            chunks = plan_parts(lengths, self.cut_cost_tokens)
         else:
-            chunks = plan_chunks([length for trial in lengths for length in trial], self.floor_tokens)
+            chunks = plan_chunks([length for trial in lengths for length in trial], self.cut_cost_tokens)
         chunks = chunks or [list(range(len(rows)))]
         model.train()
         self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))

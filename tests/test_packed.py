@@ -18,7 +18,7 @@ from core.trial import TrialParams, TrialResult, TrialStatus
 from objectives.eval_loss import EvalLoss
 from objectives.generation import generate_for_adapters, generate_for_objective
 from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, lora_config
-from runners.packed import FLOOR_TOKENS, PackedRunner, total_steps
+from runners.packed import CUT_COST_TOKENS, PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
 from tests.conftest import DEFAULT_SPACE, DEFAULT_TRAINING, config_text
 
@@ -169,7 +169,7 @@ def test_four_packed_trials_train_exactly_as_one_at_a_time(runner, solo, tmp_pat
 
 def test_a_pack_step_cut_into_length_sorted_parts_trains_as_one_at_a_time(runner, solo, tmp_path):
     pack = PackedRunner(runner, 4)
-    pack.floor_tokens = 0  # every cut pays: each step becomes one chunk per row of each trial
+    pack.cut_cost_tokens = 0  # every cut pays: each step becomes one chunk per row of each trial
     packed = run_pack(runner, FOUR, 4, tmp_path, pack)
     for number in FOUR:
         assert_same_training(packed[number], solo[number])
@@ -252,8 +252,8 @@ def test_a_packed_trial_is_plain_peft_lora_training(runner, solo):
         assert torch.linalg.norm(exported[key] - tensor) <= 1e-5 * torch.linalg.norm(tensor), key
 
 
-@pytest.mark.parametrize("floor_tokens", [FLOOR_TOKENS, 0], ids=["one-chunk", "length-sorted-chunks"])
-def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(runner, tmp_path, floor_tokens):
+@pytest.mark.parametrize("cut_cost_tokens", [CUT_COST_TOKENS, 0], ids=["one-chunk", "length-sorted-chunks"])
+def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(runner, tmp_path, cut_cost_tokens):
     trials = {
         10: params(per_device_batch_size=2, gradient_accumulation_steps=3, max_steps=2, lora_rank=2),
         11: params(per_device_batch_size=5, max_steps=5, learning_rate=1e-2, seed=5),
@@ -263,7 +263,7 @@ def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(runner,
     }
     assert total_steps(trials[12], 48) == 2  # 16 micro-batches, 8 steps an epoch, a quarter of it
     pack = PackedRunner(runner, 3)
-    pack.floor_tokens = floor_tokens  # at 0, steps are cut into chunks of rows of mixed trials
+    pack.cut_cost_tokens = cut_cost_tokens  # at 0, steps are cut into chunks of rows of mixed trials
     packed = run_pack(runner, trials, 3, tmp_path / "packed", pack)
     solo = one_at_a_time(runner, trials, tmp_path)
     for number in trials:

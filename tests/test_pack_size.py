@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -57,12 +58,20 @@ def test_a_pack_of_six_trials_of_mixed_lengths_stays_one_chunk_at_the_measured_c
 
 
 class FakePack:
-    """A pack that records how it is stepped; no trial in it ever ends."""
+    """A pack that records how it is stepped; no trial in it ever ends. `oom` packs run out of memory."""
+
+    oom = False
 
     def __init__(self, runner, capacity: int) -> None:
         self.capacity = capacity
         self.trials: list[int] = []
         self.steps: list[tuple[int, int | None]] = []
+        # An exception being handled while the pack is built keeps its traceback's tensors alive.
+        self.built_during = sys.exc_info()[1]
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def active(self) -> list[int]:
         return list(self.trials)
@@ -72,12 +81,17 @@ class FakePack:
 
     def advance(self, max_steps: int | None = None) -> list:
         self.steps.append((len(self.trials), max_steps))
+        if self.oom:
+            raise torch.OutOfMemoryError("a step of this pack does not fit")
         return []
 
 
 @pytest.fixture
-def auto_pack(monkeypatch) -> Packed:
-    """An auto-sized pack on a pretend 85 GB GPU where each trial's step needs `per_trial` bytes."""
+def make_executor(monkeypatch):
+    """A `Packed` executor of `capacity` (None: auto) on a pretend 85 GB GPU, over `FakePack`s.
+
+    Each trial's step needs `executor.per_trial` bytes (1 GB unless a test says otherwise).
+    """
     packs: list[FakePack] = []
     monkeypatch.setattr(
         "sweeps.executors.packed.PackedRunner",
@@ -93,10 +107,23 @@ def auto_pack(monkeypatch) -> Packed:
         torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=85 * GB)
     )
     runner = SimpleNamespace(models=SimpleNamespace(base=lambda quantized: torch.nn.Linear(1, 1)))
-    executor = Packed(SimpleNamespace(), SimpleNamespace(), runner, on_step=lambda *a: None, capacity=None)
-    executor.fake_packs = packs
-    executor.per_trial = GB
-    return executor
+    executor = None
+
+    def make(capacity: int | None) -> Packed:
+        nonlocal executor
+        executor = Packed(
+            SimpleNamespace(), SimpleNamespace(), runner, on_step=lambda *a: None, capacity=capacity
+        )
+        executor.fake_packs = packs
+        executor.per_trial = GB
+        return executor
+
+    return make
+
+
+@pytest.fixture
+def auto_pack(make_executor) -> Packed:
+    return make_executor(None)
 
 
 def job(number: int) -> TrialJob:
@@ -132,3 +159,26 @@ def test_equal_micro_batches_are_cut_into_length_parts_that_keep_one_run_per_tri
 
 def test_a_micro_batch_stays_whole_when_cutting_it_saves_less_than_a_forward_costs() -> None:
     assert plan_parts([[400, 90, 410, 80], [100, 390, 95, 405]], cut_cost_tokens=1300) is None
+
+
+def test_a_pack_step_out_of_memory_halves_the_pack_and_every_trial_goes_on(make_executor, monkeypatch):
+    executor = make_executor(8)
+    for number in range(8):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "oom", True)
+    events = executor.wait(timeout=1.0)
+    assert events == []  # no trial failed: the pack was too big, not the trials
+    first, second = executor.fake_packs
+    assert first.closed and second.capacity == 4 and second.trials == [0, 1, 2, 3]
+    assert [waiting.number for waiting in executor.waiting] == [4, 5, 6, 7]
+
+
+def test_the_smaller_pack_is_built_after_the_out_of_memory_error_is_released(make_executor, monkeypatch):
+    # Built while the error is being handled, its traceback would still hold the failed step's
+    # activations, and the new pack's first allocations would run out of memory again.
+    executor = make_executor(8)
+    for number in range(8):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "oom", True)
+    executor.wait(timeout=1.0)
+    assert executor.fake_packs[1].built_during is None

@@ -385,23 +385,17 @@ class PackedRunner:
         self._trials[slot] = trial
         callbacks.on_step(0, steps)
 
-    def advance(self, max_steps: int | None = None) -> list[tuple[int, TrialResult]]:
+    def advance(self) -> list[tuple[int, TrialResult]]:
         """Step every active trial together until at least one ends; the ended ones, their slots freed.
 
-        `max_steps`: return after that many pack steps even if no trial ended (an auto-sized pack
-        measures its memory after one step and takes more trials at once).
         torch.OutOfMemoryError in a pack step propagates with the pack rewound to the start of each
         trial's current optimizer step (partial gradients dropped), ready to `close()` or go on.
         """
         if self._ended:
             ended, self._ended = self._ended, []
             return ended
-        stepped = 0
         while self._trials:
             ended = self._pack_step()
-            stepped += 1
-            if not ended and max_steps is not None and stepped >= max_steps:
-                return []
             if ended:
                 scores = self._score_together([trial for trial, outcome in ended if outcome == "complete"])
                 return [self._finish(trial, outcome, scores.get(trial.slot)) for trial, outcome in ended]

@@ -11,7 +11,7 @@ import torch
 from core.trial import TrialParams
 from runners.packed import CUT_COST_TOKENS, plan_chunks, plan_parts
 from sweeps.executors.base import TrialJob
-from sweeps.executors.packed import AUTO_MAX, AUTO_START, Packed, auto_capacity
+from sweeps.executors.packed import AUTO_MAX, Packed, auto_capacity
 
 GB = 10**9
 
@@ -57,6 +57,17 @@ def test_a_pack_of_six_trials_of_mixed_lengths_stays_one_chunk_at_the_measured_c
     assert plan_parts([lengths[i : i + 16] for i in range(0, 96, 16)], CUT_COST_TOKENS) is None
 
 
+def test_equal_micro_batches_are_cut_into_length_parts_that_keep_one_run_per_trial() -> None:
+    # Two trials (rows 0-3 and 4-7), two short and two long rows each: halves of the short rows of
+    # both trials (4 x 100 tokens), then of the long ones (4 x 410), save 1240 tokens of padding.
+    lengths = [[400, 90, 410, 80], [100, 390, 95, 405]]
+    assert plan_parts(lengths, cut_cost_tokens=500) == [[3, 1, 6, 4], [0, 2, 5, 7]]
+
+
+def test_a_micro_batch_stays_whole_when_cutting_it_saves_less_than_a_forward_costs() -> None:
+    assert plan_parts([[400, 90, 410, 80], [100, 390, 95, 405]], cut_cost_tokens=1300) is None
+
+
 class FakePack:
     """A pack that records how it is stepped; no trial in it ever ends. `oom` packs run out of memory."""
 
@@ -65,7 +76,7 @@ class FakePack:
     def __init__(self, runner, capacity: int) -> None:
         self.capacity = capacity
         self.trials: list[int] = []
-        self.steps: list[tuple[int, int | None]] = []
+        self.steps: list[int] = []
         # An exception being handled while the pack is built keeps its traceback's tensors alive.
         self.built_during = sys.exc_info()[1]
         self.closed = False
@@ -79,8 +90,8 @@ class FakePack:
     def add(self, params, output_dir, callbacks, number: int) -> None:
         self.trials.append(number)
 
-    def advance(self, max_steps: int | None = None) -> list:
-        self.steps.append((len(self.trials), max_steps))
+    def advance(self) -> list:
+        self.steps.append(len(self.trials))
         if self.oom:
             raise torch.OutOfMemoryError("a step of this pack does not fit")
         return []
@@ -88,10 +99,7 @@ class FakePack:
 
 @pytest.fixture
 def make_executor(monkeypatch):
-    """A `Packed` executor of `capacity` (None: auto) on a pretend 85 GB GPU, over `FakePack`s.
-
-    Each trial's step needs `executor.per_trial` bytes (1 GB unless a test says otherwise).
-    """
+    """A `Packed` executor of a fixed `capacity` over `FakePack`s (`executor.fake_packs`)."""
     packs: list[FakePack] = []
     monkeypatch.setattr(
         "sweeps.executors.packed.PackedRunner",
@@ -101,64 +109,21 @@ def make_executor(monkeypatch):
         callbacks=lambda job, on_step: None, tracker=SimpleNamespace(monitor_system=lambda run_id: None)
     )
     monkeypatch.setattr("sweeps.executors.packed.TrialHost", lambda config, store, runner: host)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: len(packs[0].trials) * executor.per_trial)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=85 * GB)
-    )
-    runner = SimpleNamespace(models=SimpleNamespace(base=lambda quantized: torch.nn.Linear(1, 1)))
-    executor = None
 
-    def make(capacity: int | None) -> Packed:
-        nonlocal executor
+    def make(capacity: int) -> Packed:
         executor = Packed(
-            SimpleNamespace(), SimpleNamespace(), runner, on_step=lambda *a: None, capacity=capacity
+            SimpleNamespace(), SimpleNamespace(), None, on_step=lambda *a: None, capacity=capacity
         )
         executor.fake_packs = packs
-        executor.per_trial = GB
         return executor
 
     return make
-
-
-@pytest.fixture
-def auto_pack(make_executor) -> Packed:
-    return make_executor(None)
 
 
 def job(number: int) -> TrialJob:
     return TrialJob(
         number=number, trial_id=number, params=TrialParams(), run_id=f"run-{number}", work_dir="."
     )
-
-
-def test_a_full_auto_pack_steps_once_then_takes_more_trials_before_its_first_ones_end(auto_pack) -> None:
-    for number in range(auto_pack.capacity):
-        auto_pack.submit(job(number))
-    assert auto_pack.capacity == AUTO_START
-    auto_pack.wait(timeout=1.0)
-    assert auto_pack.fake_packs[0].steps == [(AUTO_START, 1)]
-    assert auto_pack.capacity == 2 * AUTO_START  # the loop now hands it more trials at once
-
-
-def test_an_auto_pack_that_fits_no_more_runs_until_a_trial_ends_after_one_measured_step(auto_pack) -> None:
-    auto_pack.per_trial = 20 * GB  # 85% of 85 GB holds 3 such trials: this pack is full
-    for number in range(AUTO_START):
-        auto_pack.submit(job(number))
-    auto_pack.wait(timeout=1.0)
-    auto_pack.wait(timeout=1.0)
-    assert auto_pack.fake_packs[0].steps == [(AUTO_START, 1), (AUTO_START, None)]
-
-
-def test_equal_micro_batches_are_cut_into_length_parts_that_keep_one_run_per_trial() -> None:
-    # Two trials (rows 0-3 and 4-7), two short and two long rows each: halves of the short rows of
-    # both trials (4 x 100 tokens), then of the long ones (4 x 410), save 1240 tokens of padding.
-    lengths = [[400, 90, 410, 80], [100, 390, 95, 405]]
-    assert plan_parts(lengths, cut_cost_tokens=500) == [[3, 1, 6, 4], [0, 2, 5, 7]]
-
-
-def test_a_micro_batch_stays_whole_when_cutting_it_saves_less_than_a_forward_costs() -> None:
-    assert plan_parts([[400, 90, 410, 80], [100, 390, 95, 405]], cut_cost_tokens=1300) is None
 
 
 def test_a_pack_step_out_of_memory_halves_the_pack_and_every_trial_goes_on(make_executor, monkeypatch):

@@ -63,8 +63,6 @@ class Packed(Executor):
         self.waiting: list[TrialJob] = []
         self.solo: list[TrialJob] = []
         self.monitors: dict[int, SystemMetrics] = {}
-        self.measured: dict[str, int] = {}
-        """Per pack: the size whose step memory was last measured to grow the pack."""
         self.turn = 0
 
     def submit(self, job: TrialJob) -> None:
@@ -107,7 +105,7 @@ class Packed(Executor):
             pack = self.packs[method]
             stepped = len(pack.active())
             try:
-                ended = pack.advance(max_steps=1 if self._may_grow(method, stepped) else None)
+                ended = pack.advance()
             except torch.OutOfMemoryError:
                 ended = None
             if ended is None:
@@ -146,18 +144,6 @@ class Packed(Executor):
         waiting, self.waiting = self.waiting, []
         for job in waiting:
             self._add(job)
-
-    def _may_grow(self, method: str, active: int) -> bool:
-        """Whether one step of a full auto pack may show room for more trials: then the pack steps
-        once, is resized, and the loop hands it the extra trials at once rather than at the end
-        of the current ones. Once per pack size, so a pack that fits no more runs undisturbed."""
-        if not (self.auto and torch.cuda.is_available()):
-            return False
-        grows = active >= self.capacity < self.packs[method].capacity
-        if grows and self.measured.get(method) != active:
-            self.measured[method] = active
-            return True
-        return False
 
     def _resize(self, method: str, stepped: int) -> None:
         """Grow or shrink an auto pack to what the peak memory of steps with `stepped` trials says fits.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.utils.checkpoint
 
 from core.rows import Example
 
@@ -87,6 +88,37 @@ class EvalData:
         rows = min(n, self.tokenized.rows)
         tokenized = replace(self.tokenized, dataset=self.tokenized.dataset.select(range(rows)), rows=rows)
         return EvalData(self.examples[:n], tokenized, self.chat_template, limit=n)
+
+
+LOSS_CHUNK = 2048
+"""Labelled positions projected through the LM head at once (a 150k vocabulary: 1.2 GB of fp32 logits)."""
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def head_loss_sums(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """Summed cross-entropy per group (`owner[i]` of position i) of labelled hidden states.
+
+    Only labelled positions go through the LM head, `LOSS_CHUNK` at a time: a whole batch's logits
+    would be rows x tokens x vocabulary in fp32, tens of GB for a 150k vocabulary. With gradients
+    on, each chunk's logits are recomputed in the backward pass (checkpointed) rather than kept.
+    """
+    hidden = hidden.to(next(head.parameters()).dtype)
+    sums = torch.zeros(groups, device=hidden.device)
+    for start in range(0, targets.numel(), LOSS_CHUNK):
+        end = start + LOSS_CHUNK
+        if torch.is_grad_enabled():
+            losses = torch.utils.checkpoint.checkpoint(
+                _chunk_loss, head, hidden[start:end], targets[start:end], use_reentrant=False
+            )
+        else:
+            losses = _chunk_loss(head, hidden[start:end], targets[start:end])
+        sums = sums.index_add(0, owner[start:end], losses)
+    return sums
 
 
 RowRouter = Callable[[Sequence[int]], AbstractContextManager]

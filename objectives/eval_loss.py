@@ -8,17 +8,15 @@ from contextlib import nullcontext
 import torch
 
 from core.config import ObjectiveConfig
-from core.eval import IGNORE_INDEX, EvalData, RowRouter, Score, pad_right
-
-_CHUNK_TOKENS = 1024
+from core.eval import IGNORE_INDEX, EvalData, RowRouter, Score, head_loss_sums, pad_right
 
 
 def _row_losses(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of each row's labelled positions, projecting only those through the LM head.
 
     Full fp32 logits of a 150k vocabulary cost about 5 GB per 8 x 1024 batch, more than training
-    itself at small batches; taking the last hidden states and projecting the labelled positions in
-    chunks keeps eval memory small. Models that rescale logits (softcapping) take the plain path.
+    itself at small batches (`head_loss_sums`). Models that rescale logits (softcapping) take the
+    plain path.
     """
     config = model.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
@@ -32,20 +30,11 @@ def _row_losses(model, ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Ten
         return per_token.view(shifted.shape).sum(dim=1)
     outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
     keep = shifted != IGNORE_INDEX
-    head = model.get_output_embeddings()
     # After a mixed-precision trainer ran, accelerate's forward wrapper hands back fp32 outputs,
-    # hidden states included; the head takes them in its own dtype.
-    hidden = outputs.hidden_states[-1][:, :-1][keep].to(next(head.parameters()).dtype)
-    targets = shifted[keep]
+    # hidden states included; `head_loss_sums` casts them to the head's dtype.
+    hidden = outputs.hidden_states[-1][:, :-1][keep]
     owner = keep.nonzero(as_tuple=True)[0]
-    sums = torch.zeros(ids.shape[0], device=ids.device)
-    for start in range(0, hidden.size(0), _CHUNK_TOKENS):
-        end = start + _CHUNK_TOKENS
-        losses = torch.nn.functional.cross_entropy(
-            head(hidden[start:end]).float(), targets[start:end], reduction="none"
-        )
-        sums.index_add_(0, owner[start:end], losses)
-    return sums
+    return head_loss_sums(model.get_output_embeddings(), hidden, shifted[keep], owner, ids.shape[0])
 
 
 class EvalLoss:

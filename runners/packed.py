@@ -31,7 +31,7 @@ import torch
 import torch.utils.checkpoint
 
 from core.errors import is_programming_error
-from core.eval import IGNORE_INDEX, EvalData, Score, TokenizedSplit, pad_right
+from core.eval import IGNORE_INDEX, EvalData, Score, TokenizedSplit, head_loss_sums, pad_right
 from core.trial import Timings, TrialParams, TrialResult, TrialStatus
 from runners.memory import PeakMemory
 from runners.multilora import LRSchedule, MultiAdamW, MultiLoRA, lora_config
@@ -100,14 +100,6 @@ class _Trial:
         self.generator.set_state(state)
         self.micro = 0
         self.accumulated_loss = 0.0
-
-
-_LOSS_CHUNK = 2048
-"""Labelled positions projected through the LM head at once (a 150k vocabulary: 1.2 GB of fp32 logits)."""
-
-
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 CUT_COST_TOKENS = 8192
@@ -252,12 +244,9 @@ class PackBatch:
 
 
 def _label_loss_sums(model, batch: PackBatch, trials: int) -> torch.Tensor:
-    """Summed cross-entropy of each trial's labelled positions.
+    """Summed cross-entropy of each trial's labelled positions (`head_loss_sums`).
 
-    The whole pack's logits would be rows x tokens x vocabulary in fp32, tens of GB for a 150k
-    vocabulary, and most positions are prompt tokens that carry no loss. So only labelled
-    positions go through the LM head, in chunks, each recomputed in the backward pass
-    (checkpointed) rather than kept. Models that rescale logits (softcapping) take the plain path.
+    Models that rescale logits (softcapping) take the plain path.
     """
     config = model.config
     ids, mask = batch.input_ids, batch.attention_mask
@@ -270,18 +259,9 @@ def _label_loss_sums(model, batch: PackBatch, trials: int) -> torch.Tensor:
         owner = batch.row_owner.to(ids.device)
         return torch.zeros(trials, device=ids.device).index_add(0, owner, per_token.sum(dim=1))
     outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-    head = model.get_output_embeddings()
     last = outputs.hidden_states[-1]
     hidden = last.reshape(-1, last.shape[-1]).index_select(0, batch.positions)
-    hidden = hidden.to(next(head.parameters()).dtype)
-    sums = torch.zeros(trials, device=ids.device)
-    for start in range(0, batch.positions.numel(), _LOSS_CHUNK):
-        end = start + _LOSS_CHUNK
-        losses = torch.utils.checkpoint.checkpoint(
-            _chunk_loss, head, hidden[start:end], batch.targets[start:end], use_reentrant=False
-        )
-        sums = sums.index_add(0, batch.owner[start:end], losses)
-    return sums
+    return head_loss_sums(model.get_output_embeddings(), hidden, batch.targets, batch.owner, trials)
 
 
 class PackedRunner:

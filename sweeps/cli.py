@@ -104,8 +104,8 @@ def _load(path: Path) -> SweepConfig:
         _fail_input(exc)
 
 
-def _executor(config: SweepConfig, store: Store, runner, on_ray: bool, count: int, ray_address: str | None):
-    """The executor factory for this invocation: gangs, Ray actors, `count` worker processes, or this process."""
+def _executor(config: SweepConfig, store: Store, runner, on_ray: bool, pool, ray_address: str | None):
+    """The executor factory for this invocation: gangs, Ray actors, the worker pool, or this process."""
     if config.workers.gpus_per_trial > 1:
         from sweeps.executors.devices import visible_gpus
         from sweeps.executors.gang import GangExecutor, gang_devices
@@ -116,10 +116,8 @@ def _executor(config: SweepConfig, store: Store, runner, on_ray: bool, count: in
         from sweeps.executors.ray import RayActors
 
         return lambda parent_id, on_step: RayActors(config, store, ray_address, on_step)
-    if count > 1:
-        from sweeps.executors.processes import WorkerPool
-
-        return lambda parent_id, on_step: WorkerPool(config, store, count, on_step)
+    if pool is not None:
+        return lambda parent_id, on_step: pool.attach(on_step)
     from sweeps.executors.local import local_executor
 
     return lambda parent_id, on_step: local_executor(config, store, runner, on_step)
@@ -147,12 +145,37 @@ def _run(
     if not on_ray and count == 1 and gpus and not gangs:
         # Before anything starts CUDA here: this process runs the trials, on exactly one GPU.
         pin_to(gpus[0])
+    store = Store.at()
+    pool = None
+    if not on_ray and not gangs and count > 1:
+        from sweeps.executors.processes import WorkerPool
+
+        # First thing: each worker's imports, preflight and tokenizing then overlap this process's
+        # own (on two H100s the workers were ready 20 s after the loop began when started from it).
+        pool = WorkerPool(config, store, count, on_step=None)
+    try:
+        _sweep(config, store, trials, timeout, on_ray, pool, ray_address)
+    finally:
+        if pool is not None and pool.on_step is None:
+            # Never handed to the loop (bad input, nothing left to run): stop its processes.
+            pool.close(interrupted=True)
+
+
+def _sweep(
+    config: SweepConfig,
+    store: Store,
+    trials: int | None,
+    timeout: float | None,
+    on_ray: bool,
+    pool,
+    ray_address: str | None,
+) -> None:
+    """`sweep run` once the workers are starting: preflight, the live view over the loop, the best trial."""
     quiet_libraries()
     from sweeps.display import LiveView
     from sweeps.executors.base import ExecutorCrashed
     from sweeps.loop import TooManyFailures, run_sweep
 
-    store = Store.at()
     try:
         runner = preflight(config, store)
     except InputError as exc:
@@ -165,7 +188,7 @@ def _run(
     except InputError as exc:
         _fail_input(exc)
     stop_on_signals()
-    executor = _executor(config, store, runner, on_ray, count, ray_address)
+    executor = _executor(config, store, runner, on_ray, pool, ray_address)
     try:
         with LiveView(list(config.space), console) as view:
             outcome = run_sweep(config, store, executor, n_trials=trials, timeout=timeout, observer=view)

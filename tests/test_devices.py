@@ -156,12 +156,46 @@ def test_sweep_run_with_one_worker_pins_to_gpu_0_of_nvidia_smi(
     assert seen_by_trials == {"preflight": "0", "loop": "0"}
 
 
-def test_sweep_run_with_two_workers_leaves_its_own_gpus_to_the_workers(monkeypatch, tmp_path, seen_by_trials):
+def test_sweep_run_with_two_workers_leaves_its_own_gpus_to_the_workers(
+    monkeypatch, tmp_path, seen_by_trials, fake_spawn
+):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
 
     sweep_run(tmp_path, "--workers", "2")
 
     assert seen_by_trials == {"preflight": "0,1", "loop": "0,1"}
+
+
+def test_sweep_run_starts_its_workers_before_its_own_preflight_and_lets_them_open_the_stores_later(
+    monkeypatch, tmp_path, seen_by_trials, fake_spawn
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    started_at_preflight = []
+    preflight = sweeps.cli.preflight
+    monkeypatch.setattr(
+        sweeps.cli,
+        "preflight",
+        lambda config, store: (
+            started_at_preflight.extend(p.started for p in fake_spawn.processes) or preflight(config, store)
+        ),
+    )
+
+    sweep_run(tmp_path, "--workers", "2")
+
+    assert started_at_preflight == [True, True]
+    # The loop never asked for the pool (nothing to run): no worker was told to open the stores.
+    assert all(process.args[4].empty() for process in fake_spawn.processes)
+
+
+def test_a_pool_attached_to_the_loop_tells_each_worker_to_open_the_stores_once(tmp_path, fake_spawn):
+    pool = WorkerPool(load(write_config(tmp_path)), Store(tmp_path / "mlruns"), 2, on_step=None)
+    inboxes = [process.args[4] for process in fake_spawn.processes]
+    assert all(inbox.empty() for inbox in inboxes)
+
+    assert pool.attach(lambda *a: None) is pool
+
+    assert [inbox.get_nowait() for inbox in inboxes] == ["start", "start"]
+    assert all(inbox.empty() for inbox in inboxes)
 
 
 def test_sweep_run_on_a_cpu_machine_sets_no_device(monkeypatch, no_nvidia_smi, tmp_path, seen_by_trials):
@@ -185,6 +219,12 @@ class FakeProcess:
 
     def start(self) -> None:
         self.started = True
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
 
     @property
     def device(self) -> str | None:

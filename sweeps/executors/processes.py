@@ -29,6 +29,8 @@ from sweeps.executors.devices import pin_to, slot_device, visible_gpus
 
 _WATCH_S = 1.0
 _STOP = None
+_START = "start"
+"""Sent once the sweep's study and MLflow run exist: a worker opens them only then."""
 
 
 def _watch_parent(parent_pid: int, orphaned: threading.Event) -> None:
@@ -59,11 +61,13 @@ def worker_main(
     try:
         store = Store(Path(store_root))
         config = load_config(config_path)
+        runner = preflight(config, store)
+        # `sweep run` starts its workers before its own set-up, so their imports and preflight
+        # overlap it; the trials' stores (the study, MLflow) are opened once the pool says they exist.
+        if inbox.get() is _STOP:
+            return
         inner = local_executor(
-            config,
-            store,
-            preflight(config, store),
-            lambda number, step, total: events.put(("step", number, step, total)),
+            config, store, runner, lambda number, step, total: events.put(("step", number, step, total))
         )
         events.put(("capacity", slot, inner.capacity))
         while True:
@@ -97,7 +101,7 @@ def worker_main(
             # thread, for ever once the pipe is full. Both stores are written already.
             os._exit(130)
         raise SystemExit(130) from None
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever stops a worker, its orchestrator hears why
         events.put(("crash", traceback.format_exc()))
         raise SystemExit(1) from None
 
@@ -117,9 +121,12 @@ class WorkerPool(Executor):
     """`n_workers` worker processes; worker i is pinned to GPU i // `workers.trials_per_gpu`.
 
     Each worker runs its own local executor, so with packing on, every GPU holds one pack.
+    A pool built with `on_step=None` starts its processes at once (imports, preflight) but lets
+    them open the sweep's stores only when `attach` gives it the progress sink: `sweep run` starts
+    its workers before it has made the study and the MLflow run.
     """
 
-    def __init__(self, config: SweepConfig, store: Store, n_workers: int, on_step: OnStep):
+    def __init__(self, config: SweepConfig, store: Store, n_workers: int, on_step: OnStep | None):
         self.config = config
         self.store = store
         self.on_step = on_step
@@ -146,7 +153,17 @@ class WorkerPool(Executor):
             target=worker_main, args=args, name=f"sweep-worker-{slot}", daemon=False
         )
         process.start()
+        if self.on_step is not None:
+            inbox.put(_START)
         return _Worker(slot, device, inbox, process)
+
+    def attach(self, on_step: OnStep) -> WorkerPool:
+        """The sweep's stores exist now: let the workers open them; progress goes to `on_step`."""
+        if self.on_step is None:
+            for worker in self.workers:
+                worker.inbox.put(_START)
+        self.on_step = on_step
+        return self
 
     @property
     def capacity(self) -> int:

@@ -896,15 +896,72 @@ def _check_pruner(cfg: SweepConfig, err) -> None:
 _ZERO_STRATEGIES: dict[Any, DistributedStrategy] = {2: "zero2", 3: "zero3"}
 
 
-def _deepspeed_strategy(settings: Any, field: tuple, err) -> DistributedStrategy:
-    """The strategy a DeepSpeed config asks for: ZeRO stage 2 or 3, the stages a gang trains with."""
+def _deepspeed_strategy(settings: Any, where: str, field: tuple, err) -> DistributedStrategy:
+    """The strategy a DeepSpeed config asks for: ZeRO stage 2 or 3, the stages a gang trains with.
+
+    `where` names the file (and the key of an accelerate YAML) for the message.
+    """
     if not isinstance(settings, dict):
-        raise err(field, "a DeepSpeed config must be a JSON object")
+        raise err(field, f"{where}: a DeepSpeed config must be a JSON object, not {type(settings).__name__}")
     zero = settings.get("zero_optimization")
-    stage = zero.get("stage") if isinstance(zero, dict) else None
-    if stage not in _ZERO_STRATEGIES:
-        raise err(field, f"DeepSpeed zero_optimization.stage is {stage!r}; gangs train with stage 2 or 3")
+    if zero is None:
+        raise err(field, f"{where}: no zero_optimization section; gangs train with ZeRO stage 2 or 3")
+    if not isinstance(zero, dict):
+        raise err(field, f"{where}: zero_optimization must be a JSON object with a stage (2 or 3)")
+    stage = zero.get("stage")
+    if isinstance(stage, bool) or stage not in _ZERO_STRATEGIES:
+        raise err(field, f"{where}: zero_optimization.stage is {stage!r}; gangs train with stage 2 or 3")
     return _ZERO_STRATEGIES[stage]
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a config file, or None."""
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    if not path.is_file():
+        return f"file not found: {path}"
+    return None
+
+
+def _read_text(path: Path, field: tuple, err) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise err(field, f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise err(field, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _accelerate_deepspeed(accelerate: dict, path: Path, field: tuple, err):
+    """The strategy and DeepSpeed settings of an accelerate YAML whose distributed_type is DEEPSPEED."""
+    section = accelerate.get("deepspeed_config") or {}
+    if not isinstance(section, dict):
+        raise err(field, f"{path}: deepspeed_config must be a mapping")
+    nested = section.get("deepspeed_config_file")
+    if nested:
+        if not isinstance(nested, str):
+            raise err(
+                field, f"{path}: deepspeed_config.deepspeed_config_file must be a file path, not {nested!r}"
+            )
+        target = (path.parent / Path(nested).expanduser()).resolve()
+        problem = _file_problem(target)
+        if problem:
+            raise err(field, f"{path}: deepspeed_config.deepspeed_config_file: {problem}")
+        if target.suffix != ".json":  # not another YAML, which could name this one again
+            raise err(field, f"{path}: deepspeed_config.deepspeed_config_file must name a DeepSpeed .json")
+        return _read_distributed_file(target, field, err)
+    stage = section.get("zero_stage")
+    if isinstance(stage, bool) or stage not in _ZERO_STRATEGIES:
+        raise err(field, f"{path}: deepspeed_config.zero_stage is {stage!r}; gangs train with stage 2 or 3")
+    # accelerate's own keys for a DeepSpeed run, as the DeepSpeed config they stand for.
+    settings = {
+        "zero_optimization": {
+            "stage": stage,
+            "offload_optimizer": {"device": section.get("offload_optimizer_device", "none")},
+            "offload_param": {"device": section.get("offload_param_device", "none")},
+        }
+    }
+    return _ZERO_STRATEGIES[stage], settings
 
 
 def _read_distributed_file(path: Path, field: tuple, err) -> tuple[DistributedStrategy, dict[str, Any]]:
@@ -912,38 +969,44 @@ def _read_distributed_file(path: Path, field: tuple, err) -> tuple[DistributedSt
     import json
 
     if path.suffix == ".json":
+        text = _read_text(path, field, err)
+        if not text.strip():
+            raise err(field, f"{path} is empty; a DeepSpeed config is a JSON object with zero_optimization")
         try:
-            settings = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            settings = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise err(field, f"{path} is not valid JSON: {exc}") from None
-        return _deepspeed_strategy(settings, field, err), settings
+        return _deepspeed_strategy(settings, str(path), field, err), settings
     if path.suffix not in (".yaml", ".yml"):
         raise err(field, f"{path} must be a DeepSpeed .json or an accelerate config .yaml/.yml")
+    text = _read_text(path, field, err)
     try:
-        accelerate = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise err(field, f"{path} is not valid YAML: {exc}") from None
-    kind = accelerate.get("distributed_type") if isinstance(accelerate, dict) else None
+        accelerate = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise err(field, f"{path} is not valid YAML{where}: {problem}") from None
+    if accelerate is None:
+        raise err(field, f"{path} is empty; an accelerate config needs distributed_type: FSDP or DEEPSPEED")
+    if not isinstance(accelerate, dict):
+        raise err(
+            field, f"{path} must be a YAML mapping (an accelerate config), not a {type(accelerate).__name__}"
+        )
+    if "distributed_type" not in accelerate:
+        raise err(field, f"{path} has no distributed_type; allowed: FSDP, DEEPSPEED")
+    kind = accelerate["distributed_type"]
     if kind == "FSDP":
         section = accelerate.get("fsdp_config") or {}
         if not isinstance(section, dict):
             raise err(field, f"{path}: fsdp_config must be a mapping")
+        version = section.get("fsdp_version", section.get("version", 2))
+        if version not in (2, "2"):
+            # transformers would take it over the FSDP2 a gang is built for, and FSDP1 fails every trial on CPU.
+            raise err(field, f"{path}: fsdp_config.fsdp_version is {version!r}; gangs train with FSDP2 (2)")
         return "fsdp", section
     if kind == "DEEPSPEED":
-        section = accelerate.get("deepspeed_config") or {}
-        if not isinstance(section, dict):
-            raise err(field, f"{path}: deepspeed_config must be a mapping")
-        if section.get("deepspeed_config_file"):
-            return _read_distributed_file(path.parent / section["deepspeed_config_file"], field, err)
-        # accelerate's own keys for a DeepSpeed run, as the DeepSpeed config they stand for.
-        settings = {
-            "zero_optimization": {
-                "stage": section.get("zero_stage"),
-                "offload_optimizer": {"device": section.get("offload_optimizer_device", "none")},
-                "offload_param": {"device": section.get("offload_param_device", "none")},
-            }
-        }
-        return _deepspeed_strategy(settings, field, err), settings
+        return _accelerate_deepspeed(accelerate, path, field, err)
     raise err(field, f"{path}: distributed_type is {kind!r}; allowed: FSDP, DEEPSPEED")
 
 
@@ -976,9 +1039,10 @@ def _check_gangs(cfg: SweepConfig, base: Path, err) -> None:
     for name in ("strategy", "offload"):
         if name in dist.model_fields_set:
             raise err(field, f"decides the strategy and offload itself; remove distributed.{name}")
-    dist.config_file = (base / dist.config_file).expanduser().resolve()
-    if not dist.config_file.is_file():
-        raise err(field, f"file not found: {dist.config_file}")
+    dist.config_file = (base / dist.config_file.expanduser()).resolve()
+    problem = _file_problem(dist.config_file)
+    if problem:
+        raise err(field, problem)
     dist._file_strategy, dist._file_settings = _read_distributed_file(dist.config_file, field, err)
 
 

@@ -92,6 +92,20 @@ def _deepspeed_config(strategy: str, offload: bool) -> dict[str, Any]:
     }
 
 
+def _fsdp_file_config(section: dict[str, Any]) -> dict[str, Any]:
+    """An accelerate YAML's `fsdp_config` as transformers' `fsdp_config`.
+
+    transformers drops the `fsdp_` prefix of accelerate's key names, but reads offloading from
+    `cpu_offload`, which accelerate's YAML calls `fsdp_offload_params`: without this, a recipe's
+    `fsdp_offload_params: true` would be dropped without a word and the gang train without offload.
+    """
+    settings = dict(section)
+    offload = settings.get("fsdp_offload_params", settings.get("offload_params"))
+    if offload is not None and not {"cpu_offload", "fsdp_cpu_offload"} & set(settings):
+        settings["cpu_offload"] = str(offload).strip().lower() in ("true", "1", "yes")
+    return settings
+
+
 def distributed_arguments(config: SweepConfig, on_gpu: bool) -> dict[str, Any]:
     """The `SFTConfig` arguments that make a trial's Trainer a gang member with the configured strategy."""
     dist = config.distributed
@@ -102,7 +116,7 @@ def distributed_arguments(config: SweepConfig, on_gpu: bool) -> dict[str, Any]:
         # process training alone on all the data, G times over).
         arguments |= {"use_cpu": True, "ddp_backend": "gloo"}
     if strategy == "fsdp":
-        fsdp = dist.file_settings if dist.config_file else {"cpu_offload": dist.offload}
+        fsdp = _fsdp_file_config(dist.file_settings) if dist.config_file else {"cpu_offload": dist.offload}
         # FSDP2: FSDP1 is deprecated in transformers 5 and its accelerate plugin refuses CPU processes.
         return arguments | {"fsdp": True, "fsdp_config": {"version": 2, **fsdp}}
     settings = dist.file_settings if dist.config_file else _deepspeed_config(strategy, dist.offload)

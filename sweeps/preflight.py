@@ -169,6 +169,16 @@ def check_gangs(config: SweepConfig, gpus: list[str]) -> None:
             f"{size} GPUs a trial, but no GPU is visible; set distributed.allow_cpu: true to run each "
             "trial as that many CPU processes over gloo (for testing)",
         )
+    if not gpus:
+        # Each rank a process of its own: a number meant for a GPU host (or a typo) would start that
+        # many trainers here. Two always, so a gang can be tried on a one-core machine.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if size > max(cores, 2):
+            raise config.error(
+                field,
+                f"{size} processes a trial, but no GPU is visible and this machine has {cores} CPU "
+                f"cores; a CPU gang (distributed.allow_cpu) takes at most {max(cores, 2)}",
+            )
     if gpus and size > len(gpus):
         raise config.error(field, f"{size} GPUs a trial, but only {len(gpus)} are visible ({shown})")
     if gpus and len(gpus) % size:
@@ -189,6 +199,16 @@ def check_gangs(config: SweepConfig, gpus: list[str]) -> None:
             f"{strategy} shards the base model, which QLoRA trials' 4-bit base does not support here "
             f"(QLoRA comes from {qlora}); use zero2 or remove qlora",
         )
+    if not gpus and strategy == "fsdp":
+        from runners.gang import distributed_arguments
+
+        if distributed_arguments(config, on_gpu=False)["fsdp_config"].get("cpu_offload"):
+            # FSDP2's CPU offload copies shards to the accelerator for each step: every trial would fail.
+            raise config.error(
+                "distributed.config_file" if config.distributed.config_file else "distributed.offload",
+                "offloads to CPU memory, but no GPU is visible and a CPU gang's state is in CPU memory "
+                "already; turn offload off (fsdp_offload_params in an accelerate config)",
+            )
     if strategy in ("zero2", "zero3"):
         import importlib.util
 

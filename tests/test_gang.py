@@ -89,12 +89,26 @@ def test_an_accelerate_yaml_gives_its_fsdp_settings_to_the_trainer(tmp_path):
     config = parse_config(VALID + GANG + "distributed:\n  config_file: fsdp.yaml\n", tmp_path / "x.yaml")
     assert config.distributed.effective_strategy == "fsdp"
     arguments = distributed_arguments(config, on_gpu=False)
-    # transformers drops the fsdp_ prefix of accelerate's key names itself.
+    # transformers drops the fsdp_ prefix of accelerate's key names itself, but reads offload from cpu_offload.
     assert arguments["fsdp_config"] == {
         "version": 2,
         "fsdp_reshard_after_forward": False,
         "fsdp_offload_params": True,
+        "cpu_offload": True,
     }
+
+
+def test_an_accelerate_yamls_offload_reaches_the_trainers_fsdp_plugin(tmp_path):
+    from transformers import TrainingArguments
+
+    (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n")
+    config = parse_config(VALID + GANG + "distributed:\n  config_file: fsdp.yaml\n", tmp_path / "x.yaml")
+    arguments = distributed_arguments(config, on_gpu=False)
+    # Without ddp_backend: the plugin's settings, not a process group, are under test.
+    trainer_args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), use_cpu=True, fsdp=True, fsdp_config=arguments["fsdp_config"]
+    )
+    assert trainer_args._process_fsdp_args()["cpu_offload"] is True
 
 
 @pytest.mark.parametrize(
@@ -112,6 +126,73 @@ def test_a_config_file_the_gang_cannot_use_is_named(tmp_path, name, content, wor
     error = error_for(text, tmp_path / "x.yaml")
     assert error.field == "distributed.config_file" and words in error.message
     assert error.line == len(text.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("files", "name", "words"),
+    [
+        ({"d.json": None}, "d.json", "d.json is a folder, not a file"),
+        ({}, "''", "is a folder, not a file"),
+        ({"e.json": ""}, "e.json", "e.json is empty"),
+        (
+            {"z.json": json.dumps({"zero_optimization": [3]})},
+            "z.json",
+            "zero_optimization must be a JSON object",
+        ),
+        ({"n.json": json.dumps({"train_batch_size": 8})}, "n.json", "n.json: no zero_optimization section"),
+        ({"a.yaml": ""}, "a.yaml", "a.yaml is empty"),
+        (
+            {"a.yaml": "- distributed_type: FSDP\n"},
+            "a.yaml",
+            "must be a YAML mapping (an accelerate config), not a list",
+        ),
+        ({"a.yaml": "num_processes: 2\n"}, "a.yaml", "a.yaml has no distributed_type"),
+        ({"a.yaml": "a: [\n"}, "a.yaml", "a.yaml is not valid YAML at line 2: expected the node content"),
+        ({"a.yaml": "distributed_type: DEEPSPEED\n"}, "a.yaml", "deepspeed_config.zero_stage is None"),
+        (
+            {"a.yaml": "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n"},
+            "a.yaml",
+            "gangs train with FSDP2",
+        ),
+    ],
+)
+def test_a_config_file_that_is_a_folder_empty_or_of_the_wrong_shape_says_which(tmp_path, files, name, words):
+    for file, content in files.items():
+        (tmp_path / file).mkdir() if content is None else (tmp_path / file).write_text(content)
+    text = VALID + GANG + f"distributed:\n  config_file: {name}\n"
+    error = error_for(text, tmp_path / "x.yaml")
+    assert error.field == "distributed.config_file" and words in error.message
+    assert error.line == len(text.splitlines()) and "\n" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("nested", "words"),
+    [
+        ("ds.json", "deepspeed_config_file: file not found"),
+        ("sub.json", "sub.json is a folder, not a file"),
+        ("5", "deepspeed_config_file must be a file path, not 5"),
+        ("[x]", "deepspeed_config_file must be a file path, not ['x']"),
+        ("acc.yaml", "deepspeed_config_file must name a DeepSpeed .json"),  # itself: no endless recursion
+    ],
+)
+def test_a_bad_deepspeed_config_file_named_by_an_accelerate_yaml_is_one_error_not_a_traceback(
+    tmp_path, nested, words
+):
+    (tmp_path / "sub.json").mkdir()
+    (tmp_path / "acc.yaml").write_text(
+        f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {nested}\n"
+    )
+    error = error_for(VALID + GANG + "distributed:\n  config_file: acc.yaml\n", tmp_path / "x.yaml")
+    assert error.field == "distributed.config_file" and words in error.message
+
+
+def test_a_config_file_under_the_home_folder_is_looked_for_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    text = VALID + GANG + "distributed:\n  config_file: ~/ds.json\n"
+    config = parse_config(text, tmp_path / "spaces" / "x.yaml")
+    assert config.distributed.config_file == (tmp_path / "home" / "ds.json").resolve()
 
 
 def test_a_config_file_and_a_strategy_are_not_both_allowed(tmp_path):
@@ -170,6 +251,41 @@ def test_a_gang_that_does_not_fit_the_visible_gpus_stops_before_any_trial(
     assert f"{config}:{line_of(config, 'gpus_per_trial')}: {field}: " in line
     assert words in line
     assert no_trial_ran(project)
+
+
+def test_a_cpu_gang_of_more_processes_than_cores_stops_before_any_trial(write_config, monkeypatch):
+    import os
+
+    from sweeps.preflight import check_gangs
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    extra = "workers:\n  gpus_per_trial: 99999999999999999999999\ndistributed:\n  allow_cpu: true"
+    config = parse_config(gang_yaml(write_config, extra).read_text(), FILE)
+    with pytest.raises(InputError) as caught:
+        check_gangs(config, [])
+    assert caught.value.field == "workers.gpus_per_trial"
+    assert (
+        "this machine has 4 CPU cores; a CPU gang (distributed.allow_cpu) takes at most 4"
+        in caught.value.message
+    )
+    check_gangs(
+        parse_config(gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true").read_text(), FILE), []
+    )
+
+
+def test_offload_in_a_cpu_gang_stops_before_any_trial(write_config, project, tmp_path):
+    from sweeps.preflight import check_gangs
+
+    config = gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true\n  offload: true")
+    with pytest.raises(InputError) as caught:
+        check_gangs(parse_config(config.read_text(), config), [])
+    assert caught.value.field == "distributed.offload" and "no GPU is visible" in caught.value.message
+    (project / "fsdp.yaml").write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n")
+    config = gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true\n  config_file: fsdp.yaml")
+    with pytest.raises(InputError) as caught:
+        check_gangs(parse_config(config.read_text(), config), [])
+    assert caught.value.field == "distributed.config_file"
+    check_gangs(parse_config(config.read_text(), config), ["0", "1"])  # on GPUs it is what offload is for
 
 
 def test_zero3_with_qlora_stops_before_any_trial(write_config, project, monkeypatch):

@@ -22,7 +22,10 @@ sys.meta_path.insert(0, _Block({blocked!r}))
 
 def _imports(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", _BLOCK.format(blocked=blocked, code=code)], capture_output=True, text=True
+        [sys.executable, "-c", _BLOCK.format(blocked=blocked, code=code)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -32,9 +35,13 @@ def _imports(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
     [
         ("import core.config, core.trial, core.errors, core.rows, core.eval, core.store, core.objectives",
          {"sweeps", "runners", "objectives"}),
-        ("import runners.sft, runners.data, runners.models, objectives.registry, objectives.gsm8k, "
-         "objectives.ndcg, objectives.eval_loss, objectives.rouge, objectives.generation",
-         {"sweeps"}),
+        (
+            (
+                "import runners.sft, runners.data, runners.models, objectives.registry, objectives.gsm8k, "
+                "objectives.ndcg, objectives.eval_loss, objectives.rouge, objectives.generation"
+            ),
+            {"sweeps"},
+        ),
         ("import objectives.gsm8k, objectives.ndcg, objectives.eval_loss, objectives.rouge", {"sweeps", "runners"}),
     ],
     ids=["core-alone", "runners-and-objectives-without-sweeps", "objectives-without-runners"],

@@ -28,7 +28,6 @@ from pathlib import Path
 from time import perf_counter
 
 import torch
-import torch.utils.checkpoint
 
 from core.errors import is_programming_error
 from core.eval import IGNORE_INDEX, EvalData, Score, TokenizedSplit, head_loss_sums, pad_right
@@ -458,7 +457,8 @@ class PackedRunner:
 
         The rows are cut into length-sorted chunks where that saves more padding than the extra
         forwards cost: equal micro-batches into parts that keep one run per trial (`plan_parts`),
-        others into chunks of mixed trials (`plan_chunks`), each chunk backpropagated as soon as its loss is known.
+        others into chunks of mixed trials (`plan_chunks`), each chunk backpropagated as soon as
+        its loss is known.
         Every trial's loss is backpropagated, finite or not: its gradient reaches its own slot
         only (rows never mix, and the base is frozen), which the caller clears if it diverged.
         The host waits for the device once, for these numbers.

@@ -69,14 +69,13 @@ def test_a_micro_batch_stays_whole_when_cutting_it_saves_less_than_a_forward_cos
 
 
 class FakePack:
-    """A pack that records how it is stepped; no trial in it ever ends. `oom` packs run out of memory."""
+    """A pack whose trials never end; `oom` packs run out of memory at every step."""
 
     oom = False
 
     def __init__(self, runner, capacity: int) -> None:
         self.capacity = capacity
         self.trials: list[int] = []
-        self.steps: list[int] = []
         # An exception being handled while the pack is built keeps its traceback's tensors alive.
         self.built_during = sys.exc_info()[1]
         self.closed = False
@@ -91,7 +90,6 @@ class FakePack:
         self.trials.append(number)
 
     def advance(self) -> list:
-        self.steps.append(len(self.trials))
         if self.oom:
             raise torch.OutOfMemoryError("a step of this pack does not fit")
         return []

@@ -12,85 +12,33 @@ implementation gives flash-attn behaviour with no extra package.
 - padding-free rows with `cu_seq_lens_q` / `max_length_q` (what TRL's collator passes): varlen;
 - padded batches with a 2D attention mask (the runner's eval loss): unpad, varlen, pad back;
 - no mask at all: plain causal SDPA, which already dispatches to the flash kernel.
-On CPU (the `--tiny` run) varlen_attn does not exist; a per-sequence SDPA loop computes the same
-thing so the boundary logic is tested there too.
+The kernel and its CPU stand-in (a per-sequence SDPA loop, so the boundary logic is tested on the
+`--tiny` run too) are the packed runner's, `runners/attention.py`.
 """
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import random
+import sys
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runners.attention import attention_forward as joined_rows_attention
+from runners.attention import fast_kernel_unavailable, varlen, varlen_reference
+
 NAME = "sdpa_varlen"
-
-
-def _torch_varlen():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
 
 
 def available() -> str | None:
     """None when the CUDA varlen kernel can be used here, else why not."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if _torch_varlen() is None:
-        return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.9)"
-    return None
-
-
-def _varlen_cuda(q, k, v, cu, max_len, scale):
-    varlen_attn = _torch_varlen()
-    accepted = inspect.signature(varlen_attn).parameters
-    kwargs = {}
-    # The causal flag changed form between releases: is_causal (2.9) became window_size (2.10+).
-    if "is_causal" in accepted:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)
-    if "scale" in accepted:
-        kwargs["scale"] = scale
-    elif abs(scale - q.shape[-1] ** -0.5) > 1e-6:
-        raise ValueError("this torch's varlen_attn has no `scale` and the model's scaling is not 1/sqrt(d)")
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in accepted:
-            kwargs["enable_gqa"] = True
-        else:
-            # Query head h reads key/value head h // groups, as Transformers' repeat_kv does.
-            groups = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
-
-
-def _varlen_reference(q, k, v, cu, max_len, scale):
-    """The same function, one SDPA call per sequence: slow, exact, and runs anywhere."""
-    groups = q.shape[1] // k.shape[1]
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for start, end in itertools.pairwise(bounds):
-        if end <= start:
-            continue
-        qs = q[start:end].transpose(0, 1)[None]
-        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)[None]
-        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)[None]
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-        out[start:end] = o[0].transpose(0, 1)
-    return out
-
-
-def varlen(q, k, v, cu, max_len, scale):
-    """Causal attention over concatenated sequences; q (T, Hq, D), k and v (T, Hkv, D), cu (N+1,) int32."""
-    if q.is_cuda and _torch_varlen() is not None:
-        return _varlen_cuda(q, k, v, cu, max_len, scale)
-    return _varlen_reference(q, k, v, cu, max_len, scale)
+    return fast_kernel_unavailable("cuda")
 
 
 _unpad_cache: dict = {"mask": None, "value": None}
@@ -136,12 +84,9 @@ def attention_forward(
     def flat(t):  # (B, H, L, D) -> (B*L, H, D)
         return t.transpose(1, 2).reshape(batch * length, t.shape[1], dim)
 
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
+    if kwargs.get("cu_seq_lens_q") is not None:
         # Padding-free: TRL's collator computed the boundaries on the CPU, so no device sync here.
-        cu = cu.to(device=query.device, dtype=torch.int32)
-        out = varlen(flat(query), flat(key), flat(value), cu, int(kwargs["max_length_q"]), scale)
-        return out.reshape(batch, length, heads, dim), None
+        return joined_rows_attention(module, query, key, value, None, scaling=scale, **kwargs)
 
     if attention_mask is not None and attention_mask.dim() == 2:
         # Padded batch (the mask function returns a mask only when something is padded): attend
@@ -185,12 +130,14 @@ def self_check(device: str, dtype: torch.dtype = torch.bfloat16, seed: int | Non
     grad_out = torch.randn(total, hq, dim, generator=gen)
 
     def run(fn, tensors, dev, dt):
-        inputs = [t.to(dev, dt).requires_grad_(True) for t in tensors]
+        # Fresh leaves every run: `.to` returns the tensor itself when nothing changes, and setting
+        # requires_grad on a shared input made the next run's copies non-leaves with no .grad.
+        inputs = [t.detach().to(dev, dt).clone().requires_grad_(True) for t in tensors]
         out = fn(*inputs, cu.to(dev), max(lengths), dim**-0.5)
         out.backward(grad_out.to(dev, dt))
         return [out.detach().float().cpu()] + [t.grad.float().cpu() for t in inputs]
 
-    ref = run(_varlen_reference, base, "cpu", torch.float32)
+    ref = run(varlen_reference, base, "cpu", torch.float32)
     got = run(varlen, base, device, dtype if device != "cpu" else torch.float32)
     names = ["out", "dq", "dk", "dv"]
     errors = {n: float((g - r).norm() / r.norm()) for n, g, r in zip(names, got, ref)}

@@ -19,10 +19,11 @@ Trials end one by one (complete, pruned, failed) and free their slot for the nex
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -32,6 +33,7 @@ import torch
 from core.errors import is_programming_error
 from core.eval import IGNORE_INDEX, EvalData, Score, TokenizedSplit, head_loss_sums, pad_right
 from core.trial import Timings, TrialParams, TrialResult, TrialStatus
+from runners.attention import fast_kernel_unavailable, joined_rows, model_unsupported
 from runners.memory import PeakMemory
 from runners.multilora import LRSchedule, MultiAdamW, MultiLoRA, lora_config
 from runners.sft import TrialCallbacks, TrialRunner, write_atomically
@@ -171,7 +173,8 @@ class PackBatch:
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """None for joined rows, where `bounds` tells attention where each row starts instead."""
     positions: torch.Tensor
     """Flat indices (row * width + column) of the hidden states that predict a label."""
     targets: torch.Tensor
@@ -185,7 +188,27 @@ class PackBatch:
     shifted: torch.Tensor
     """Host copy of the labels shifted by one, for models that take the plain loss path."""
     row_owner: torch.Tensor
-    """Host copy: the trial of each row."""
+    """Host copy: the trial of each batch row."""
+    position_ids: torch.Tensor | None = None
+    """Joined rows: each token's position within its own row."""
+    bounds: torch.Tensor | None = None
+    """Joined rows: where each row (and each trial's padding tail) starts and ends over the
+    flattened batch, as int32 cumulative lengths."""
+    longest: int = 0
+    """Joined rows: the longest row."""
+
+    def model_inputs(self) -> dict:
+        """The model's keyword arguments for this batch."""
+        if self.bounds is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.bounds,
+            "cu_seq_lens_k": self.bounds,
+            "max_length_q": self.longest,
+            "max_length_k": self.longest,
+        }
 
     @classmethod
     def build(
@@ -241,6 +264,79 @@ class PackBatch:
             row_owner=owners,
         )
 
+    @classmethod
+    def joined(
+        cls,
+        rows: list[dict[str, list[int]]],
+        row_owner: list[int],
+        slots: list[int],
+        divisor: list[int],
+        pad_id: int,
+        device,
+    ) -> PackBatch:
+        """`rows` joined end to end, one sequence per trial, for attention that reads row boundaries.
+
+        Batch row t holds trial t's rows one after another and then padding up to the longest
+        trial's total, so the base computes the real tokens plus that tail alone, and each batch
+        row is one adapter's run (routed as `grouped`). Positions restart at every row, and the
+        rows' (and tails') boundaries go to attention as cumulative lengths. `row_owner` must list
+        the trials in order, each trial's rows together.
+        """
+        trials = len(slots)
+        per_trial: list[list[list[int]]] = [[] for _ in range(trials)]
+        shifted_rows: list[list[list[int]]] = [[] for _ in range(trials)]
+        for row, owner in zip(rows, row_owner):
+            per_trial[owner].append(row["input_ids"])
+            # Position j predicts label j + 1 of its own row, never the next row's first token.
+            shifted_rows[owner].append([*row["labels"][1:], IGNORE_INDEX])
+        width = max(sum(len(ids) for ids in trial) for trial in per_trial)
+        ids, labels, positions, lengths = [], [], [], []
+        for trial_ids, trial_labels in zip(per_trial, shifted_rows):
+            tail = width - sum(len(row) for row in trial_ids)
+            for row_ids, row_labels in zip(trial_ids, trial_labels):
+                ids.extend(row_ids)
+                labels.extend(row_labels)
+                positions.extend(range(len(row_ids)))
+                lengths.append(len(row_ids))
+            if tail:
+                ids.extend([pad_id] * tail)
+                labels.extend([IGNORE_INDEX] * tail)
+                positions.extend(range(tail))
+                lengths.append(tail)
+        labels = torch.tensor(labels)
+        (labelled,) = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        one_trial = trials == 1
+        route = torch.zeros(0, dtype=torch.long) if one_trial else torch.tensor(slots)
+        parts = [
+            torch.tensor(ids),
+            torch.tensor(positions),
+            labelled,
+            labels[labelled],
+            labelled // width,
+            torch.tensor(divisor),
+            route,
+            torch.tensor([0, *itertools.accumulate(lengths)]),
+        ]
+        flat = torch.cat(parts)
+        if torch.device(device).type == "cuda":
+            flat = flat.pin_memory()
+        on_device = flat.to(device, non_blocking=True).split([part.numel() for part in parts])
+        return cls(
+            input_ids=on_device[0].view(trials, width),
+            attention_mask=None,
+            positions=on_device[2],
+            targets=on_device[3],
+            owner=on_device[4],
+            divisor=on_device[5],
+            route=None if one_trial else on_device[6],
+            grouped=True,
+            shifted=labels.view(trials, width)[:, :-1],
+            row_owner=torch.arange(trials),
+            position_ids=on_device[1].view(trials, width),
+            bounds=on_device[7].to(torch.int32),
+            longest=max(lengths),
+        )
+
 
 def _label_loss_sums(model, batch: PackBatch, trials: int) -> torch.Tensor:
     """Summed cross-entropy of each trial's labelled positions (`head_loss_sums`).
@@ -248,16 +344,16 @@ def _label_loss_sums(model, batch: PackBatch, trials: int) -> torch.Tensor:
     Models that rescale logits (softcapping) take the plain path.
     """
     config = model.config
-    ids, mask = batch.input_ids, batch.attention_mask
+    ids = batch.input_ids
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logits = model(**batch.model_inputs()).logits[:, :-1].float()
         shifted = batch.shifted.to(ids.device)
         per_token = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view(shifted.shape)
         owner = batch.row_owner.to(ids.device)
         return torch.zeros(trials, device=ids.device).index_add(0, owner, per_token.sum(dim=1))
-    outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    outputs = model(**batch.model_inputs(), output_hidden_states=True, logits_to_keep=1)
     last = outputs.hidden_states[-1]
     hidden = last.reshape(-1, last.shape[-1]).index_select(0, batch.positions)
     return head_loss_sums(model.get_output_embeddings(), hidden, batch.targets, batch.owner, trials)
@@ -297,6 +393,10 @@ class PackedRunner:
         self._trials: dict[int, _Trial] = {}
         self._norms: torch.Tensor | None = None
         self.cut_cost_tokens = CUT_COST_TOKENS
+        self.join_rows: bool | None = None
+        """Join each trial's rows end to end in a pack step instead of padding every row to the
+        longest (`PackBatch.joined`). None: where the fused varlen kernel runs (CUDA) and the
+        model supports it; on CPU the per-row attention it falls back to costs more than padding."""
         self._checkpointing = False
         self._ended: list[tuple[int, TrialResult]] = []
 
@@ -455,10 +555,9 @@ class PackedRunner:
     ) -> tuple[list[float], list[float]]:
         """Each trial's mean label-token loss of its micro-batch, and each slot's gradient norm after it.
 
-        The rows are cut into length-sorted chunks where that saves more padding than the extra
-        forwards cost: equal micro-batches into parts that keep one run per trial (`plan_parts`),
-        others into chunks of mixed trials (`plan_chunks`), each chunk backpropagated as soon as
-        its loss is known.
+        Joined rows (`join_rows`) make one forward with no padding but each trial's tail. Padded,
+        the rows are cut into length-sorted chunks where that saves more padding than the extra
+        forwards cost (`_chunks`), each chunk backpropagated as soon as its loss is known.
         Every trial's loss is backpropagated, finite or not: its gradient reaches its own slot
         only (rows never mix, and the base is frozen), which the caller clears if it diverged.
         The host waits for the device once, for these numbers.
@@ -476,35 +575,37 @@ class PackedRunner:
         divisor = [
             max(count * trial.params.gradient_accumulation_steps, 1) for count, trial in zip(counts, trials)
         ]
-        lengths = [[len(ids) for ids in batch["input_ids"]] for batch in batches]
-        grouped = len({len(trial) for trial in lengths}) == 1
-        if grouped:
-            chunks = plan_parts(lengths, self.cut_cost_tokens)
+        pad_id = self._tokenizer.pad_token_id
+        join = self._joins_rows()
+        if join:
+            forwards = iter([PackBatch.joined(rows, row_owner, slots, divisor, pad_id, adapters.device)])
         else:
-            chunks = plan_chunks([length for trial in lengths for length in trial], self.cut_cost_tokens)
-        chunks = chunks or [list(range(len(rows)))]
+            # Built one at a time: the host lays out the next chunk while the device computes this one.
+            forwards = (
+                PackBatch.build(
+                    [rows[i] for i in chunk],
+                    [row_owner[i] for i in chunk],
+                    slots,
+                    divisor,
+                    pad_id,
+                    adapters.device,
+                    grouped,
+                )
+                for chunk, grouped in self._chunks(batches)
+            )
         model.train()
         self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))
         sums = torch.zeros(len(trials), device=adapters.device)
-        for chunk in chunks:
-            batch = PackBatch.build(
-                [rows[i] for i in chunk],
-                [row_owner[i] for i in chunk],
-                slots,
-                divisor,
-                self._tokenizer.pad_token_id,
-                adapters.device,
-                grouped,
-            )
+        for batch in forwards:
             present = {slots[i] for i in set(batch.row_owner.tolist())}
             if batch.route is None:
-                routed = adapters.routing.one_slot(slots[row_owner[chunk[0]]])
+                routed = adapters.routing.one_slot(slots[int(batch.row_owner[0])])
             elif batch.grouped:
                 routed = adapters.routing.by_group(batch.route, present)
             else:
                 routed = adapters.routing.by_row(batch.route, present)
             # The backward runs inside the routing too: checkpointed layers run their forward again.
-            with routed:
+            with routed, joined_rows(model) if join else nullcontext():
                 chunk_sums = _label_loss_sums(model, batch, len(trials))
                 (chunk_sums / batch.divisor).sum().backward()
             sums += chunk_sums.detach()
@@ -512,6 +613,30 @@ class PackedRunner:
         values = torch.cat([sums, self._norms]).tolist()
         losses = [total / max(count, 1) for total, count in zip(values, counts)]
         return losses, values[len(trials) :]
+
+    def _joins_rows(self) -> bool:
+        """Whether pack steps join each trial's rows (see `join_rows`), decided once the base is loaded."""
+        if self.join_rows is None:
+            model = self._adapters.model
+            self.join_rows = (
+                fast_kernel_unavailable(self._adapters.device) is None and model_unsupported(model) is None
+            )
+        return self.join_rows
+
+    def _chunks(self, batches: list[dict[str, list]]) -> list[tuple[list[int], bool]]:
+        """Padded pack steps: the rows (indexed trial after trial) of each forward, and whether it is grouped.
+
+        Equal micro-batches are cut into parts that keep one run per trial (`plan_parts`), others
+        into chunks of mixed trials (`plan_chunks`), where that saves more padding than the extra
+        forwards cost.
+        """
+        lengths = [[len(ids) for ids in batch["input_ids"]] for batch in batches]
+        grouped = len({len(trial) for trial in lengths}) == 1
+        if grouped:
+            chunks = plan_parts(lengths, self.cut_cost_tokens)
+        else:
+            chunks = plan_chunks([length for trial in lengths for length in trial], self.cut_cost_tokens)
+        return [(chunk, grouped) for chunk in chunks or [list(range(sum(map(len, lengths))))]]
 
     def _checkpoint(self, on: bool) -> None:
         """Activation checkpointing on the base while any trial in the pack asks for it.

@@ -17,6 +17,7 @@ from core.eval import IGNORE_INDEX, EvalData, pad_right
 from core.trial import TrialParams, TrialResult, TrialStatus
 from objectives.eval_loss import EvalLoss
 from objectives.generation import generate_for_adapters, generate_for_objective
+from runners import attention
 from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, lora_config
 from runners.packed import CUT_COST_TOKENS, PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
@@ -175,8 +176,28 @@ def test_a_pack_step_cut_into_length_sorted_parts_trains_as_one_at_a_time(runner
         assert_same_training(packed[number], solo[number])
 
 
+def test_a_pack_step_of_joined_rows_trains_as_one_at_a_time(runner, solo, tmp_path, monkeypatch):
+    # On CPU, one SDPA call per row stands in for the CUDA varlen kernel; count the rows it sees.
+    per_row, rows_seen = attention.varlen_reference, []
+    monkeypatch.setattr(
+        attention,
+        "varlen_reference",
+        lambda q, k, v, cu, *rest: rows_seen.append(cu.numel() - 1) or per_row(q, k, v, cu, *rest),
+    )
+    before = runner.models.base().config._attn_implementation
+    pack = PackedRunner(runner, 4)
+    pack.join_rows = True
+    packed = run_pack(runner, FOUR, 4, tmp_path, pack)
+    for number in FOUR:
+        assert_same_training(packed[number], solo[number])
+    # 4 steps x 2 layers, each over the 4 trials' 4 rows plus the padding tails of the shorter trials.
+    assert len(rows_seen) == 4 * 2 and all(16 <= rows <= 16 + 3 for rows in rows_seen)
+    assert runner.models.base().config._attn_implementation == before
+
+
+@pytest.mark.parametrize("join_rows", [False, True], ids=["padded", "joined-rows"])
 def test_a_pack_checkpoints_activations_while_a_trial_asks_and_trains_the_same(
-    runner, solo, tmp_path, monkeypatch
+    runner, solo, tmp_path, monkeypatch, join_rows
 ):
     # A module inside a checkpointed decoder layer runs again in the backward pass (forward hooks
     # do not see that rerun, so its forward is counted).
@@ -184,7 +205,9 @@ def test_a_pack_checkpoints_activations_while_a_trial_asks_and_trains_the_same(
     forward, calls = mlp.forward, []
     monkeypatch.setattr(mlp, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
     trials = {0: FOUR[0].model_copy(update={"gradient_checkpointing": True}), 1: FOUR[1]}
-    packed = run_pack(runner, trials, 2, tmp_path)
+    pack = PackedRunner(runner, 2)
+    pack.join_rows = join_rows  # joined, the rerun forward must see the row boundaries again
+    packed = run_pack(runner, trials, 2, tmp_path, pack)
     for number in trials:
         assert_same_training(packed[number], solo[number])
     # Each of the 4 steps ran the layer twice (again in the backward); then 2 eval batches.
@@ -252,8 +275,14 @@ def test_a_packed_trial_is_plain_peft_lora_training(runner, solo):
         assert torch.linalg.norm(exported[key] - tensor) <= 1e-5 * torch.linalg.norm(tensor), key
 
 
-@pytest.mark.parametrize("cut_cost_tokens", [CUT_COST_TOKENS, 0], ids=["one-chunk", "length-sorted-chunks"])
-def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(runner, tmp_path, cut_cost_tokens):
+@pytest.mark.parametrize(
+    ("cut_cost_tokens", "join_rows"),
+    [(CUT_COST_TOKENS, False), (0, False), (CUT_COST_TOKENS, True)],
+    ids=["one-chunk", "length-sorted-chunks", "joined-rows"],
+)
+def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(
+    runner, tmp_path, cut_cost_tokens, join_rows
+):
     trials = {
         10: params(per_device_batch_size=2, gradient_accumulation_steps=3, max_steps=2, lora_rank=2),
         11: params(per_device_batch_size=5, max_steps=5, learning_rate=1e-2, seed=5),
@@ -264,6 +293,7 @@ def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(runner,
     assert total_steps(trials[12], 48) == 2  # 16 micro-batches, 8 steps an epoch, a quarter of it
     pack = PackedRunner(runner, 3)
     pack.cut_cost_tokens = cut_cost_tokens  # at 0, steps are cut into chunks of rows of mixed trials
+    pack.join_rows = join_rows
     packed = run_pack(runner, trials, 3, tmp_path / "packed", pack)
     solo = one_at_a_time(runner, trials, tmp_path)
     for number in trials:

@@ -386,6 +386,7 @@ class PackedRunner:
         self._eval_head = self._eval.head(pruner.eval_samples) if self._eval_every else None
         self._memory = PeakMemory()
         self._memory.reset()
+        self._step_peak_mb: float | None = None
         self._quantized: bool | None = None
         self._adapters: MultiLoRA | None = None
         self._optimizer: MultiAdamW | None = None
@@ -480,6 +481,16 @@ class PackedRunner:
                 return [self._finish(trial, outcome, scores.get(trial.slot)) for trial, outcome in ended]
         return []
 
+    def take_step_peak_mb(self) -> float | None:
+        """The peak memory of the pack steps since the last call (None: none ran, or unmeasured).
+
+        Steps alone: scoring runs between them and a generation objective sizes its batches to
+        the memory it finds free, so a peak that counted it would say the card is full whatever
+        the pack's size, and an auto pack sized from it could never grow.
+        """
+        peak, self._step_peak_mb = self._step_peak_mb, None
+        return peak
+
     def close(self) -> None:
         """Remove the adapter layers: the base's modules and weights are exactly what they were."""
         if self._adapters is not None:
@@ -502,6 +513,7 @@ class PackedRunner:
                 trial.mark()
         started = perf_counter()
         batches = [trial.train.dataset[trial.next_rows()] for trial in trials]
+        self._memory.fold()
         try:
             losses, norms = self._forward_backward(trials, batches)
         except torch.OutOfMemoryError:
@@ -536,6 +548,10 @@ class PackedRunner:
         optimizer.zero_grad([trial.slot for trial, _ in ended])
         rates = [trial.schedule.current() for trial in stepping]
         optimizer.step([trial.slot for trial in stepping], rates, self._norms)
+        # Read before `_after_step`, whose pruning evals are scoring, not the step.
+        recent = self._memory.recent_mb()
+        if recent is not None:
+            self._step_peak_mb = max(self._step_peak_mb or 0.0, recent)
         elapsed = perf_counter() - started
         for trial in trials:
             trial.train_s += elapsed

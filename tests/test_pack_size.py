@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core.trial import TrialParams
+from runners.memory import PeakMemory
 from runners.packed import CUT_COST_TOKENS, plan_chunks, plan_parts
 from sweeps.executors.base import TrialJob
 from sweeps.executors.packed import AUTO_MAX, Packed, auto_capacity
@@ -94,6 +95,11 @@ class FakePack:
             raise torch.OutOfMemoryError("a step of this pack does not fit")
         return []
 
+    step_peak_mb: float | None = None
+
+    def take_step_peak_mb(self) -> float | None:
+        return self.step_peak_mb
+
 
 @pytest.fixture
 def make_executor(monkeypatch):
@@ -145,3 +151,39 @@ def test_the_smaller_pack_is_built_after_the_out_of_memory_error_is_released(mak
     monkeypatch.setattr(FakePack, "oom", True)
     executor.wait(timeout=1.0)
     assert executor.fake_packs[1].built_during is None
+
+
+def test_an_auto_pack_grows_from_its_steps_peak_not_from_the_scoring_between_them(make_executor, monkeypatch):
+    # A generation objective sizes its batches to the free memory, so the card's overall peak says
+    # "full" (76 GB here) whatever the pack; the steps of 4 trials peaked at 22 GB over a 2 GB base.
+    executor = make_executor(capacity=None)
+    weights = SimpleNamespace(numel=lambda: GB // 2, element_size=lambda: 2)  # a 1 GB bf16 base
+    base = SimpleNamespace(parameters=lambda: [weights])
+    executor.runner = SimpleNamespace(models=SimpleNamespace(base=lambda quantized: base))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 76 * GB)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=85 * GB)
+    )
+    for number in range(4):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "step_peak_mb", 22 * GB / 2**20)
+    executor.wait(timeout=1.0)
+    # (22 - 1) / 4 = 5.25 GB a trial; 85% of 85 GB less the base holds 13, at most double: 8.
+    assert executor.capacity == 8
+
+
+def test_peak_memory_folded_for_a_part_of_the_work_still_counts_the_whole(monkeypatch):
+    allocated = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=0))
+    memory = PeakMemory()
+    memory.reset()
+    allocated["peak"] = 60 * 2**20  # scoring
+    memory.fold()
+    allocated["peak"] = 20 * 2**20  # the step after it
+    assert memory.recent_mb() == 20
+    assert memory.peak_mb() == 60
+    memory.reset()
+    assert memory.peak_mb() == 0

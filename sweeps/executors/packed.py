@@ -149,17 +149,19 @@ class Packed(Executor):
         """Grow or shrink an auto pack to what the peak memory of steps with `stepped` trials says fits.
 
         Counted before the steps, not after: trials that ended in them have left the pack already.
+        The peak is the pack steps' alone, not the scoring's between them (`take_step_peak_mb`).
         """
-        if not (self.auto and torch.cuda.is_available()) or not stepped:
-            return
         pack = self.packs[method]
+        peak_mb = pack.take_step_peak_mb()
+        if not (self.auto and torch.cuda.is_available()) or not stepped or peak_mb is None:
+            return
         base_bytes = sum(
             p.numel() * p.element_size() for p in self.runner.models.base(method == "qlora").parameters()
         )
         total = torch.cuda.get_device_properties(0).total_memory
         self.capacity = min(
             pack.capacity,
-            auto_capacity(base_bytes, torch.cuda.max_memory_allocated(), stepped, total, self.capacity),
+            auto_capacity(base_bytes, int(peak_mb * 2**20), stepped, total, self.capacity),
         )
 
     def _shrink(self, method: str) -> list[Event]:

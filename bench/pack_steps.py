@@ -1,11 +1,12 @@
 """Where a big pack's step goes: packed step time against pack size, at the makespan sweep's rows.
 
-`packed_bench.py`'s makespan sweep (16 trials, 16 rows of 100-400 tokens each, 0.5B shape) ran
-one pack of 16 at 2.3-2.4 s a step, 0.145 s per trial-step, where a pack of 6 took 0.665 s
-(0.111 s per trial-step) and the stacked probe at 16 adapters x 2 full 512-token rows reached
-58k tokens/s. This measures, in one process on one GPU, the packed runner's steady step at
-K = 1..16 trials of those rows, for each way of cutting a step (`--cuts`: at the default cut
-cost, and never), with the GPU sampled every 0.5 s; then profiles two steps of one pack with
+`packed_bench.py`'s makespan sweep (16 trials, 16 rows of 100-400 tokens each, 0.5B shape) runs
+packs of ~6 trials. This measures, in one process on one GPU, the packed runner's steady step at
+K = 1..16 trials of those rows for each step layout (`--layouts`): `joined` (each trial's rows
+joined end to end, attention told the row boundaries: no padding but each trial's tail),
+`padded` (rows padded to the longest, cut where the cut cost says it pays) and `one-chunk`
+(padded, never cut); with the GPU sampled every 0.5 s. First it checks the varlen attention
+kernel against per-row SDPA (forward and gradients); last it profiles two steps of one pack with
 torch.profiler (host and device time by op), so the next change aims at what costs.
 
     python3 bench/pack_steps.py --ks 1,4,6,8,16 --steps 12 --warm 4   # $OUT/pack_steps.json, pack_profile.txt
@@ -20,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ks", default=None, help="pack sizes (1,4,6,8,16)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per trial (12)")
     p.add_argument("--warm", type=int, default=None, help="steps before the clock starts (4)")
-    p.add_argument("--cuts", default="default,none", help="default: CUT_COST_TOKENS; none: one chunk a step")
-    p.add_argument("--profile-k", type=int, default=None, help="pack size profiled (8; tiny 2)")
+    p.add_argument("--layouts", default="joined,padded", help="joined, padded, one-chunk (comma list)")
+    p.add_argument("--profile-k", type=int, default=None, help="pack size profiled, joined rows (8; tiny 2)")
     p.add_argument("--out", default=None, help="results folder ($OUT, else ./bench_out)")
     p.add_argument("--work", default=None, help="scratch for the model and data")
     args = p.parse_args(argv)
@@ -102,15 +104,19 @@ def profile(runner: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     free_memory()
     pack = PackedRunner(runner, args.profile_k)
+    pack.join_rows = True
     work = Path(args.work) / "profile"
     try:
         for number, params in enumerate(trial_params(args, args.profile_k)):
             pack.add(params, work / f"trial-{number}", TrialCallbacks(), number)
-        pack.advance(max_steps=args.warm)
+        # Steps of the pack one at a time (advance() would run them to the trials' end).
+        for _ in range(args.warm):
+            pack._pack_step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
         started = time.perf_counter()
         with torch_profile(activities=activities) as prof:
-            pack.advance(max_steps=2)
+            for _ in range(2):
+                pack._pack_step()
             if cuda():
                 torch.cuda.synchronize()
         wall = time.perf_counter() - started
@@ -167,26 +173,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     runner = TrialRunner(config, cache_dir=Path(args.work) / "tokenized")
     runner.prepare()
-    default_cost = packed.CUT_COST_TOKENS
-    costs = {"default": default_cost, "none": _NO_CUT}
+    import varlen_attention
+
     record: dict[str, Any] = {"rows_tokens": [args.row_min, args.row_max], "batch": args.batch, "runs": []}
+    try:
+        record["varlen_check"] = varlen_attention.self_check("cuda" if cuda() else "cpu")
+    except Exception as exc:  # noqa: BLE001 -- recorded with its traceback; the joined runs then show it too
+        record["varlen_check"] = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    say(f"varlen kernel against per-row SDPA: {record['varlen_check']}")
+    # layout -> (join_rows, cut cost)
+    layouts = {
+        "joined": (True, packed.CUT_COST_TOKENS),
+        "padded": (False, packed.CUT_COST_TOKENS),
+        "one-chunk": (False, _NO_CUT),
+    }
+    default_cost = packed.CUT_COST_TOKENS
     # Untimed: loads the base and runs the pack's kernels once.
     pack_measure(runner, trial_params(args, 1), Path(args.work) / "warm-up", 1)
-    for cut in args.cuts.split(","):
-        packed.CUT_COST_TOKENS = costs[cut]
+    for layout in args.layouts.split(","):
+        join_rows, packed.CUT_COST_TOKENS = layouts[layout]
         for k in args.ks:
             start = time.time()
             try:
-                run = pack_measure(runner, trial_params(args, k), Path(args.work) / f"k{k}", args.warm)
+                run = pack_measure(
+                    runner, trial_params(args, k), Path(args.work) / f"k{k}", args.warm, join_rows
+                )
             except torch.OutOfMemoryError as exc:
                 run = {"status": "OOM", "error": str(exc).splitlines()[0]}
                 free_memory()
-            run.update(cuts=cut, k=k, gpu=sampler.summary(start, time.time()))
+            run.update(layout=layout, k=k, gpu=sampler.summary(start, time.time()))
             step = run.get("step_s")
             run["trial_step_s"] = step / k if step else None
             record["runs"].append(run)
             say(
-                f"cuts {cut:7} K={k:2}: step {step or float('nan'):.3f} s, "
+                f"{layout:9} K={k:2}: step {step or float('nan'):.3f} s, "
                 f"{(run['trial_step_s'] or float('nan')):.3f} s per trial-step, "
                 f"{(run.get('steady_tokens_per_s') or 0):,.0f} real tok/s, peak {(run.get('peak_mb') or 0) / 1024:.1f} GiB, "
                 f"GPU {busy_text(run['gpu'])} {run.get('error') or ''}"

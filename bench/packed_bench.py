@@ -472,8 +472,13 @@ def ignore_step(step: int, total: int) -> None:
     return None
 
 
-def pack_measure(runner: Any, trials: list[Any], out_dir: Path, warm: int) -> dict[str, Any]:
-    """Train `trials` (TrialParams) together in one `PackedRunner`; steady pack tokens/s and peak memory."""
+def pack_measure(
+    runner: Any, trials: list[Any], out_dir: Path, warm: int, join_rows: bool | None = None
+) -> dict[str, Any]:
+    """Train `trials` (TrialParams) together in one `PackedRunner`; steady pack tokens/s and peak memory.
+
+    `join_rows`: the pack's layout (None: the runner's own choice).
+    """
     from runners.packed import PackedRunner
     from runners.sft import TrialCallbacks
 
@@ -481,6 +486,7 @@ def pack_measure(runner: Any, trials: list[Any], out_dir: Path, warm: int) -> di
     clock = StepClock()
     started = time.perf_counter()
     pack = PackedRunner(runner, len(trials))
+    pack.join_rows = join_rows
     ended: list[Any] = []
     try:
         for number, params in enumerate(trials):

@@ -65,17 +65,18 @@ def test_per_row_attention_equals_block_diagonal_causal_attention():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+TINY = {
+    "vocab_size": 32,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def tiny_llama(**overrides) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **overrides,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY, **overrides)).eval()
 
 
 def test_a_joined_forward_gives_each_row_the_logits_it_gets_alone():
@@ -102,16 +103,6 @@ def test_models_that_cannot_take_joined_rows_say_why():
     assert model_unsupported(tiny_llama()) is None
     assert "dropout" in model_unsupported(tiny_llama(attention_dropout=0.1))
     sliding = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            use_sliding_window=True,
-            sliding_window=4,
-            max_window_layers=0,
-        )
+        Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     )
     assert "sliding-window" in model_unsupported(sliding)

@@ -299,8 +299,8 @@ def draw_lora_init(shapes: dict[str, tuple[int, int, torch.dtype]], config: Lora
 
 def _same_init(a: _Init, b: _Init) -> bool:
     return list(a) == list(b) and all(
-        torch.equal(a[name][0], b[name][0])
-        and torch.equal(a[name][1], b[name][1])
+        torch.equal(a[name][0].cpu(), b[name][0].cpu())
+        and torch.equal(a[name][1].cpu(), b[name][1].cpu())
         and a[name][2] == b[name][2]
         for name in a
     )

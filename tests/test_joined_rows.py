@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from core.eval import IGNORE_INDEX
 from runners.attention import joined_rows, model_unsupported, varlen_reference
-from runners.packed import PackBatch
+from runners.packed import PackBatch, _label_loss_sums
 
 ROWS = [
     # trial 0: two rows of 3 and 2 tokens; trial 1: one row of 4 tokens
@@ -106,3 +106,16 @@ def test_models_that_cannot_take_joined_rows_say_why():
         Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     )
     assert "sliding-window" in model_unsupported(sliding)
+
+
+def test_the_plain_logits_loss_of_joined_rows_equals_the_labelled_positions_loss():
+    # Models that rescale logits (softcapping, logit_scale) take the plain path over all logits.
+    torch.manual_seed(0)
+    model = tiny_llama()
+    batch = joined_batch()
+    with torch.no_grad(), joined_rows(model):
+        labelled = _label_loss_sums(model, batch, trials=2)
+        model.config.logit_scale = 1.0  # only steers the path: Llama's head never reads it
+        plain = _label_loss_sums(model, batch, trials=2)
+    assert labelled.shape == (2,) and torch.all(labelled > 0)
+    assert torch.allclose(plain, labelled, rtol=1e-5)

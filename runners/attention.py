@@ -15,6 +15,7 @@ the same thing: exact, slow, and what the CPU tests exercise.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 from collections.abc import Iterator
@@ -26,12 +27,19 @@ import torch.nn.functional as F
 NAME = "sweep_joined_rows"
 
 
+@functools.cache
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    # Looked up once: every layer of every pack step calls the kernel.
+    return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
 def fast_kernel_unavailable(device: torch.device | str) -> str | None:
@@ -62,7 +70,7 @@ def model_unsupported(model: torch.nn.Module) -> str | None:
 
 def _varlen_cuda(q, k, v, cu, max_len, scale):
     varlen_attn = _torch_varlen()
-    accepted = inspect.signature(varlen_attn).parameters
+    accepted = _varlen_parameters()
     kwargs = {}
     # The causal flag changed form between releases: is_causal (2.9) became window_size (2.10+).
     if "is_causal" in accepted:

@@ -162,6 +162,14 @@ def plan_parts(lengths: list[list[int]], cut_cost_tokens: int) -> list[list[int]
     return None if len(best) == 1 else best
 
 
+def _to_device(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, ...]:
+    """Host tensors (integers) on the device in one pinned, asynchronous copy, split back into parts."""
+    flat = torch.cat(parts)
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory()
+    return flat.to(device, non_blocking=True).split([part.numel() for part in parts])
+
+
 @dataclass
 class PackBatch:
     """One forward/backward of a pack step on the device, with what its loss needs worked out on the host.
@@ -246,10 +254,7 @@ class PackBatch:
             torch.tensor(divisor),
             route,
         ]
-        flat = torch.cat(parts)
-        if torch.device(device).type == "cuda":
-            flat = flat.pin_memory()
-        on_device = flat.to(device, non_blocking=True).split([part.numel() for part in parts])
+        on_device = _to_device(parts, device)
         shape = padded["input_ids"].shape
         return cls(
             input_ids=on_device[0].view(shape),
@@ -317,10 +322,7 @@ class PackBatch:
             route,
             torch.tensor([0, *itertools.accumulate(lengths)]),
         ]
-        flat = torch.cat(parts)
-        if torch.device(device).type == "cuda":
-            flat = flat.pin_memory()
-        on_device = flat.to(device, non_blocking=True).split([part.numel() for part in parts])
+        on_device = _to_device(parts, device)
         return cls(
             input_ids=on_device[0].view(trials, width),
             attention_mask=None,

@@ -467,16 +467,20 @@ class PackedRunner:
         self._trials[slot] = trial
         callbacks.on_step(0, steps)
 
-    def advance(self) -> list[tuple[int, TrialResult]]:
+    def advance(self, max_steps: int | None = None) -> list[tuple[int, TrialResult]]:
         """Step every active trial together until at least one ends; the ended ones, their slots freed.
 
+        With `max_steps`, returns after that many pack steps even if none ended (an empty list):
+        a pack sizing itself looks at its first step's memory before the trials run to their end.
         torch.OutOfMemoryError in a pack step propagates with the pack rewound to the start of each
         trial's current optimizer step (partial gradients dropped), ready to `close()` or go on.
         """
         if self._ended:
             ended, self._ended = self._ended, []
             return ended
-        while self._trials:
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not self._trials:
+                break
             ended = self._pack_step()
             if ended:
                 scores = self._score_together([trial for trial, outcome in ended if outcome == "complete"])

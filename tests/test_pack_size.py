@@ -80,6 +80,7 @@ class FakePack:
         # An exception being handled while the pack is built keeps its traceback's tensors alive.
         self.built_during = sys.exc_info()[1]
         self.closed = False
+        self.advanced: list[int | None] = []
 
     def close(self) -> None:
         self.closed = True
@@ -90,7 +91,8 @@ class FakePack:
     def add(self, params, output_dir, callbacks, number: int) -> None:
         self.trials.append(number)
 
-    def advance(self) -> list:
+    def advance(self, max_steps: int | None = None) -> list:
+        self.advanced.append(max_steps)
         if self.oom:
             raise torch.OutOfMemoryError("a step of this pack does not fit")
         return []
@@ -153,9 +155,9 @@ def test_the_smaller_pack_is_built_after_the_out_of_memory_error_is_released(mak
     assert executor.fake_packs[1].built_during is None
 
 
-def test_an_auto_pack_grows_from_its_steps_peak_not_from_the_scoring_between_them(make_executor, monkeypatch):
-    # A generation objective sizes its batches to the free memory, so the card's overall peak says
-    # "full" (76 GB here) whatever the pack; the steps of 4 trials peaked at 22 GB over a 2 GB base.
+@pytest.fixture
+def auto_on_a_gpu(make_executor, monkeypatch):
+    """An `auto` executor that sees an 85 GB card, a 1 GB base and 4 trials' steps peaking at 22 GB."""
     executor = make_executor(capacity=None)
     weights = SimpleNamespace(numel=lambda: GB // 2, element_size=lambda: 2)  # a 1 GB bf16 base
     base = SimpleNamespace(parameters=lambda: [weights])
@@ -165,12 +167,49 @@ def test_an_auto_pack_grows_from_its_steps_peak_not_from_the_scoring_between_the
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=85 * GB)
     )
+    monkeypatch.setattr(FakePack, "step_peak_mb", 22 * GB / 2**20)
+    return executor
+
+
+def test_an_auto_pack_grows_from_its_steps_peak_not_from_the_scoring_between_them(auto_on_a_gpu):
+    # A generation objective sizes its batches to the free memory, so the card's overall peak says
+    # "full" (76 GB here) whatever the pack; the steps of 4 trials peaked at 22 GB over a 1 GB base.
+    executor = auto_on_a_gpu
     for number in range(4):
         executor.submit(job(number))
-    monkeypatch.setattr(FakePack, "step_peak_mb", 22 * GB / 2**20)
     executor.wait(timeout=1.0)
     # (22 - 1) / 4 = 5.25 GB a trial; 85% of 85 GB less the base holds 13, at most double: 8.
     assert executor.capacity == 8
+
+
+def test_an_auto_pack_resizes_after_its_first_step_not_when_its_first_trials_end(auto_on_a_gpu):
+    executor = auto_on_a_gpu
+    for number in range(4):
+        executor.submit(job(number))
+    executor.wait(timeout=1.0)
+    pack = executor.fake_packs[0]
+    # One step, then back to the loop with room for 4 more while the first 4 are still training.
+    assert pack.advanced == [1] and executor.capacity == 8 and pack.active() == [0, 1, 2, 3]
+
+
+def test_a_pack_holding_more_trials_than_any_measured_step_probes_again_then_runs_on(auto_on_a_gpu):
+    executor = auto_on_a_gpu
+    for number in range(4):
+        executor.submit(job(number))
+    executor.wait(timeout=1.0)
+    for number in range(4, 8):
+        executor.submit(job(number))
+    executor.wait(timeout=1.0)  # 8 trials: a size no step has measured yet
+    executor.wait(timeout=1.0)  # 8 again: measured, so it runs until a trial ends
+    assert executor.fake_packs[0].advanced == [1, 1, None]
+
+
+def test_a_pack_of_a_fixed_size_never_stops_early_to_measure(make_executor):
+    executor = make_executor(4)
+    for number in range(4):
+        executor.submit(job(number))
+    executor.wait(timeout=1.0)
+    assert executor.fake_packs[0].advanced == [None]
 
 
 def test_peak_memory_folded_for_a_part_of_the_work_still_counts_the_whole(monkeypatch):

@@ -57,6 +57,8 @@ class Packed(Executor):
         self.on_step = on_step
         self.auto = capacity is None
         self.capacity = AUTO_START if capacity is None else capacity
+        self.measured: dict[str, int] = {}
+        """Per pack, the most trials a step of it has held: an auto pack that holds more probes."""
         self.packs: dict[str, PackedRunner] = {}
         self.pack_ids: dict[str, int] = {}
         self.jobs: dict[int, TrialJob] = {}
@@ -104,8 +106,12 @@ class Packed(Executor):
             self.turn += 1
             pack = self.packs[method]
             stepped = len(pack.active())
+            # A step with more trials than any measured one is a probe: after it the pack resizes
+            # and the loop fills the new slots at once, not when the first trials end (a sweep's
+            # first pack would otherwise run a whole wave at AUTO_START trials).
+            probe = self.auto and stepped > self.measured.get(method, 0)
             try:
-                ended = pack.advance()
+                ended = pack.advance(max_steps=1 if probe else None)
             except torch.OutOfMemoryError:
                 ended = None
             if ended is None:
@@ -153,6 +159,7 @@ class Packed(Executor):
         """
         pack = self.packs[method]
         peak_mb = pack.take_step_peak_mb()
+        self.measured[method] = max(self.measured.get(method, 0), stepped)
         if not (self.auto and torch.cuda.is_available()) or not stepped or peak_mb is None:
             return
         base_bytes = sum(

@@ -7,6 +7,7 @@ validated, so a typo is reported in a fraction of a second.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -612,5 +613,30 @@ def promote(
     console.print(table)
 
 
+def main() -> None:
+    """The `sweep` command: the app, then an exit that skips tearing the interpreter down.
+
+    Everything a command writes is on disk when it returns (MLflow and Optuna commit each record,
+    worker processes are stopped, temporary folders are context-managed). What a normal exit adds is
+    the teardown of every module torch, transformers and MLflow loaded: measured at 2-3.5 s of a
+    sweep's wall on 2 cores, paid after the last line is printed. A Ray session has shutdown hooks
+    of its own, so with Ray loaded the exit stays the normal one.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if "ray" in sys.modules or not isinstance(code, (int, type(None))):
+        sys.exit(code)
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].flush_async_logging()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -738,6 +738,25 @@ class Bench:
         ]
         if timeout_s is not None:
             cmd += ["--timeout", f"{timeout_s:.0f}"]
+        if self.args.spy:
+            # Sampled from outside, without pausing it (--nonblocking): the sweep's wall time as it
+            # is spent, start-up and report included (`bench/spy_summary.py` reads the file).
+            out = Path(self.args.out) / f"spy_{name}.txt"
+            cmd = [
+                self.args.spy,
+                "record",
+                "--idle",
+                "--threads",
+                "--nonblocking",
+                "-r",
+                "50",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--",
+                *cmd,
+            ]
         say(
             f"{part} {label}: sweep run, {trials} trials, pack {pack}, workers {workers}"
             + (f", --timeout {timeout_s:.0f}" if timeout_s is not None else "")
@@ -1544,6 +1563,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--probe-bs", default="2,4,8,16", help="BS of pack_probe.py")
     p.add_argument("--probe-decode", action="store_true", help="let pack_probe.py also time decode (~30 s)")
+    p.add_argument(
+        "--spy", default=None, help="py-spy executable: record every `sweep run` to $OUT/spy_<name>.txt"
+    )
     p.add_argument("--qlora-size", default=None, help="model shape of the QLoRA part (1.5b)")
     p.add_argument("--qlora-pack", type=int, default=4)
     p.add_argument("--qlora-batch", type=int, default=None, help="micro-batch per QLoRA trial (4)")

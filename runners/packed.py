@@ -103,6 +103,20 @@ class _Trial:
         self.accumulated_loss = 0.0
 
 
+SCORE_WAIT_STEPS = 2
+"""Pack steps a completed trial may wait, unstepped in its slot, for other trials of its pack that
+complete within them, so they are scored in one pass. Slots filled at different steps (an auto
+pack growing after its first steps) stay that many steps apart, and a generation objective's
+decode is the pack's largest cost: one batched decode of 8 adapters' prompts costs far less than
+two of 4 (bench/RESULTS.md), against at most two steps of the waiting slots."""
+
+
+def remaining_pack_steps(trial: _Trial) -> int:
+    """Pack steps (micro-batches) before the trial's last optimizer step."""
+    accumulation = trial.params.gradient_accumulation_steps
+    return (trial.total - trial.step) * accumulation - trial.micro
+
+
 CUT_COST_TOKENS = 8192
 """What one more forward/backward in a pack step costs, in tokens of work: its kernel launches
 (~0.15 s on an H100 for a 0.5B model) at the ~55k tokens/s the card then computes. Measured
@@ -396,12 +410,15 @@ class PackedRunner:
         self._trials: dict[int, _Trial] = {}
         self._norms: torch.Tensor | None = None
         self.cut_cost_tokens = CUT_COST_TOKENS
+        self.score_wait_steps = SCORE_WAIT_STEPS
         self.join_rows: bool | None = None
         """Join each trial's rows end to end in a pack step instead of padding every row to the
         longest (`PackBatch.joined`). None: where the fused varlen kernel runs (CUDA) and the
         model supports it; on CPU the per-row attention it falls back to costs more than padding."""
         self._checkpointing = False
         self._ended: list[tuple[int, TrialResult]] = []
+        self._waiting: set[int] = set()
+        """Slots of completed trials not stepped while they wait to be scored (`SCORE_WAIT_STEPS`)."""
 
     def active(self) -> list[int]:
         """Trial numbers training in the pack, in slot order."""
@@ -470,6 +487,9 @@ class PackedRunner:
     def advance(self, max_steps: int | None = None) -> list[tuple[int, TrialResult]]:
         """Step every active trial together until at least one ends; the ended ones, their slots freed.
 
+        A trial that completes waits up to `score_wait_steps` pack steps, unstepped, for others
+        that complete within them, and all are scored together (`SCORE_WAIT_STEPS`); a trial that
+        fails or is pruned ends at once, and the waiting ones with it.
         With `max_steps`, returns after that many pack steps even if none ended (an empty list):
         a pack sizing itself looks at its first step's memory before the trials run to their end.
         torch.OutOfMemoryError in a pack step propagates with the pack rewound to the start of each
@@ -478,13 +498,28 @@ class PackedRunner:
         if self._ended:
             ended, self._ended = self._ended, []
             return ended
-        for _ in itertools.count() if max_steps is None else range(max_steps):
+        waiting: list[_Trial] = []
+        wait_left = 0
+        for taken in itertools.count(1):
             if not self._trials:
                 break
             ended = self._pack_step()
-            if ended:
-                scores = self._score_together([trial for trial, outcome in ended if outcome == "complete"])
-                return [self._finish(trial, outcome, scores.get(trial.slot)) for trial, outcome in ended]
+            complete = [trial for trial, outcome in ended if outcome == "complete"]
+            if complete and not waiting:
+                wait_left = self.score_wait_steps + 1
+            waiting += complete
+            self._waiting.update(trial.slot for trial in complete)
+            wait_left -= 1
+            stepping = [t for slot, t in self._trials.items() if slot not in self._waiting]
+            soon = any(remaining_pack_steps(t) <= wait_left for t in stepping)
+            others = [(trial, outcome) for trial, outcome in ended if outcome != "complete"]
+            if others or (waiting and not soon):
+                self._waiting.clear()
+                scores = self._score_together(waiting)
+                done = [(trial, "complete") for trial in waiting] + others
+                return [self._finish(trial, outcome, scores.get(trial.slot)) for trial, outcome in done]
+            if not waiting and max_steps is not None and taken >= max_steps:
+                break
         return []
 
     def take_step_peak_mb(self) -> float | None:
@@ -506,6 +541,7 @@ class PackedRunner:
         self._adapters = self._optimizer = None
         self._quantized = None
         self._trials.clear()
+        self._waiting.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -513,7 +549,7 @@ class PackedRunner:
     def _pack_step(self) -> list[tuple[_Trial, str | BaseException]]:
         """One forward/backward over every trial's next micro-batch; optimizer steps where due."""
         optimizer = self._optimizer
-        trials = [self._trials[slot] for slot in sorted(self._trials)]
+        trials = [self._trials[slot] for slot in sorted(self._trials) if slot not in self._waiting]
         for trial in trials:
             if trial.micro == 0:
                 trial.mark()

@@ -19,7 +19,7 @@ from objectives.eval_loss import EvalLoss
 from objectives.generation import generate_for_adapters, generate_for_objective
 from runners import attention
 from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, lora_config
-from runners.packed import CUT_COST_TOKENS, PackedRunner, total_steps
+from runners.packed import CUT_COST_TOKENS, SCORE_WAIT_STEPS, PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
 from tests.conftest import DEFAULT_SPACE, DEFAULT_TRAINING, config_text
 
@@ -304,10 +304,49 @@ def test_trials_with_different_batch_accumulation_and_steps_share_a_pack(
 def test_a_freed_slot_takes_the_next_trial_mid_pack(runner, solo, tmp_path):
     trials = {0: FOUR[0].model_copy(update={"max_steps": 2}), 2: FOUR[2], 3: FOUR[3]}
     pack = PackedRunner(runner, 2)
+    pack.score_wait_steps = 0  # trial 2 completes two steps after trial 0: no waiting for it
     packed = run_pack(runner, trials, 2, tmp_path, pack)
     assert packed[3][0].metrics["pack_size"] == 2  # trained beside trial 2 after trial 0 left
     for number in (2, 3):
         assert_same_training(packed[number], solo[number])
+
+
+def test_a_trial_completing_steps_before_another_waits_and_both_are_scored_in_one_pass(
+    runner, solo, tmp_path, monkeypatch
+):
+    trials = {0: FOUR[0].model_copy(update={"max_steps": FOUR[2].max_steps - 2}), 2: FOUR[2]}
+    pack = PackedRunner(runner, 2)
+    passes: list[int] = []
+    score_many = runner.objective.score_many
+    monkeypatch.setattr(
+        runner.objective,
+        "score_many",
+        lambda model, tokenizer, data, adapters, route: (
+            passes.append(adapters) or score_many(model, tokenizer, data, adapters, route)
+        ),
+    )
+    packed = run_pack(runner, trials, 2, tmp_path, pack)
+    assert passes == [2]
+    # Waiting, trial 0 took no further step: its training is the trial's alone, unchanged.
+    assert len(packed[0][1]) == FOUR[2].max_steps - 2
+    assert_same_training(packed[2], solo[2])
+
+
+def test_a_completed_trial_waits_no_longer_than_the_window(runner, tmp_path, monkeypatch):
+    trials = {0: FOUR[0].model_copy(update={"max_steps": 1}), 2: FOUR[2]}
+    assert FOUR[2].max_steps - 1 > SCORE_WAIT_STEPS
+    pack = PackedRunner(runner, 2)
+    passes: list[int] = []
+    score_many = runner.objective.score_many
+    monkeypatch.setattr(
+        runner.objective,
+        "score_many",
+        lambda model, tokenizer, data, adapters, route: (
+            passes.append(adapters) or score_many(model, tokenizer, data, adapters, route)
+        ),
+    )
+    run_pack(runner, trials, 2, tmp_path, pack)
+    assert passes == []  # each scored alone, as it completed
 
 
 def test_a_diverging_trial_fails_alone(runner, solo, tmp_path):

@@ -17,7 +17,7 @@ import collections
 import re
 from pathlib import Path
 
-PROJECT = re.compile(r"\((?:.*/)?(sweeps|runners|core|objectives|bench)/([\w/]+)\.py:\d+\)")
+PROJECT = re.compile(r"\((sweeps|runners|core|objectives|bench)/([\w/]+)\.py:\d+\)")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:]*):\d+\)$")
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 
+import numpy as np
 import torch
 
 from core.errors import is_programming_error
@@ -176,6 +177,15 @@ def plan_parts(lengths: list[list[int]], cut_cost_tokens: int) -> list[list[int]
     return None if len(best) == 1 else best
 
 
+def _longs(values: list[int]) -> torch.Tensor:
+    """A LongTensor of a long list of ints, through numpy.
+
+    `torch.tensor` inspects every element of a list: 15 ms for the 63k token ids of a 16-trial
+    pack step against 3 ms through numpy (2-core CPU), host time in which the GPU waits.
+    """
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
 def _to_device(parts: list[torch.Tensor], device) -> tuple[torch.Tensor, ...]:
     """Host tensors (integers) on the device in one pinned, asynchronous copy, split back into parts."""
     flat = torch.cat(parts)
@@ -322,13 +332,13 @@ class PackBatch:
                 labels.extend([IGNORE_INDEX] * tail)
                 positions.extend(range(tail))
                 lengths.append(tail)
-        labels = torch.tensor(labels)
+        labels = _longs(labels)
         (labelled,) = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
         one_trial = trials == 1
         route = torch.zeros(0, dtype=torch.long) if one_trial else torch.tensor(slots)
         parts = [
-            torch.tensor(ids),
-            torch.tensor(positions),
+            _longs(ids),
+            _longs(positions),
             labelled,
             labels[labelled],
             labelled // width,

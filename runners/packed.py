@@ -503,7 +503,9 @@ class PackedRunner:
         With `max_steps`, returns after that many pack steps even if none ended (an empty list):
         a pack sizing itself looks at its first step's memory before the trials run to their end.
         torch.OutOfMemoryError in a pack step propagates with the pack rewound to the start of each
-        trial's current optimizer step (partial gradients dropped), ready to `close()` or go on.
+        trial's current optimizer step (partial gradients dropped), ready to `close()` or go on;
+        if completed trials were waiting, they are returned scored instead, and the next call
+        meets the error.
         """
         if self._ended:
             ended, self._ended = self._ended, []
@@ -513,7 +515,21 @@ class PackedRunner:
         for taken in itertools.count(1):
             if not self._trials:
                 break
-            ended = self._pack_step()
+            try:
+                ended = self._pack_step()
+            except torch.OutOfMemoryError:
+                if not waiting:
+                    raise
+                out_of_memory = True
+            else:
+                out_of_memory = False
+            if out_of_memory:
+                # The waiting trials finished training: they are scored and saved now, outside the
+                # `except` (its traceback holds the failed step's activations). The stepping ones
+                # were rewound; their next step meets the error again, with nothing left waiting.
+                self._waiting.clear()
+                scores = self._score_together(waiting)
+                return [self._finish(trial, "complete", scores.get(trial.slot)) for trial in waiting]
             complete = [trial for trial, outcome in ended if outcome == "complete"]
             if complete and not waiting:
                 wait_left = self.score_wait_steps + 1

@@ -332,6 +332,34 @@ def test_a_trial_completing_steps_before_another_waits_and_both_are_scored_in_on
     assert_same_training(packed[2], solo[2])
 
 
+def test_an_out_of_memory_step_while_a_trial_waits_returns_it_scored_then_raises(
+    runner, tmp_path, monkeypatch
+):
+    pack = PackedRunner(runner, 2)
+    pack.add(FOUR[0].model_copy(update={"max_steps": 2}), tmp_path / "trial-0", TrialCallbacks(), 0)
+    pack.add(FOUR[2], tmp_path / "trial-2", TrialCallbacks(), 2)
+    steps = {"n": 0}
+    forward_backward = pack._forward_backward
+
+    def third_step_out_of_memory(trials, batches):
+        steps["n"] += 1
+        if steps["n"] >= 3:  # trial 0 completed at step 2 and waits for trial 2
+            raise torch.OutOfMemoryError("a step of this pack does not fit")
+        return forward_backward(trials, batches)
+
+    monkeypatch.setattr(pack, "_forward_backward", third_step_out_of_memory)
+    try:
+        [(number, result)] = pack.advance()
+        # Its training was done: scored and saved, not thrown away with the failed step.
+        assert number == 0 and result.status == TrialStatus.COMPLETE
+        assert (Path(result.adapter_path) / "adapter_model.safetensors").exists()
+        assert pack.active() == [2]
+        with pytest.raises(torch.OutOfMemoryError):
+            pack.advance()
+    finally:
+        pack.close()
+
+
 def test_a_completed_trial_waits_no_longer_than_the_window(runner, tmp_path, monkeypatch):
     trials = {0: FOUR[0].model_copy(update={"max_steps": 1}), 2: FOUR[2]}
     assert FOUR[2].max_steps - 1 > SCORE_WAIT_STEPS

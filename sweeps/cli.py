@@ -613,15 +613,19 @@ def promote(
     console.print(table)
 
 
+# Modules whose shutdown hooks a normal exit must run: Ray's session, vLLM's engine processes, and
+# the worker pool's multiprocessing queues (skipping their teardown warns of leaked semaphores).
+_NEEDS_NORMAL_EXIT = ("ray", "vllm", "sweeps.executors.processes")
+
+
 def main() -> None:
     """The `sweep` command: the app, then an exit that skips tearing the interpreter down.
 
     Everything a command writes is on disk when it returns (MLflow and Optuna commit each record,
-    and nothing here logs to MLflow asynchronously; worker processes are stopped, temporary folders
-    are context-managed). What a normal exit adds is
-    the teardown of every module torch, transformers and MLflow loaded: measured at 2-3.5 s of a
-    sweep's wall on 2 cores, paid after the last line is printed. A Ray session has shutdown hooks
-    of its own, so with Ray loaded the exit stays the normal one.
+    and nothing here logs to MLflow asynchronously; temporary folders are context-managed). What a
+    normal exit adds is the teardown of every module torch, transformers and MLflow loaded:
+    measured at 2-3.5 s of a sweep's wall on 2 cores, paid after the last line is printed. Where
+    Ray, vLLM or the worker pool was loaded, their shutdown hooks need the normal exit.
     """
     try:
         app()
@@ -629,11 +633,15 @@ def main() -> None:
         code = exc.code
     else:
         code = 0
-    if "ray" in sys.modules or not isinstance(code, (int, type(None))):
+    if any(name in sys.modules for name in _NEEDS_NORMAL_EXIT) or not isinstance(code, (int, type(None))):
         sys.exit(code)
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        # `sweep status | head`: the reader is gone, which a normal exit would not report either.
+        code = code or 120
     os._exit(code or 0)
 
 

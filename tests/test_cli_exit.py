@@ -33,15 +33,19 @@ def exits(monkeypatch):
 
 def test_a_command_s_exit_code_leaves_through_the_fast_exit(exits, monkeypatch):
     monkeypatch.setattr(cli, "app", lambda: (_ for _ in ()).throw(SystemExit(2)))
-    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    for name in cli._NEEDS_NORMAL_EXIT:
+        monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(Exited):
         cli.main()
     assert exits == [("fast", 2)]
 
 
-def test_with_ray_loaded_the_exit_is_the_normal_one_so_ray_shuts_down(exits, monkeypatch):
+@pytest.mark.parametrize("module", ["ray", "vllm", "sweeps.executors.processes"])
+def test_with_ray_vllm_or_worker_processes_loaded_the_exit_is_the_normal_one(exits, monkeypatch, module):
     monkeypatch.setattr(cli, "app", lambda: (_ for _ in ()).throw(SystemExit(0)))
-    monkeypatch.setitem(sys.modules, "ray", object())
+    for name in cli._NEEDS_NORMAL_EXIT:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, module, object())
     with pytest.raises(Exited):
         cli.main()
     assert exits == [("normal", 0)]

@@ -204,6 +204,17 @@ def test_a_pack_holding_more_trials_than_any_measured_step_probes_again_then_run
     assert executor.fake_packs[0].advanced == [1, 1, None]
 
 
+def test_a_call_that_ran_no_step_leaves_the_size_unmeasured(auto_on_a_gpu, monkeypatch):
+    executor = auto_on_a_gpu
+    for number in range(4):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "step_peak_mb", None)  # as when advance() returned failed adds
+    executor.wait(timeout=1.0)
+    monkeypatch.setattr(FakePack, "step_peak_mb", 22 * GB / 2**20)
+    executor.wait(timeout=1.0)
+    assert executor.fake_packs[0].advanced == [1, 1] and executor.capacity == 8
+
+
 def test_a_pack_of_a_fixed_size_never_stops_early_to_measure(make_executor):
     executor = make_executor(4)
     for number in range(4):

@@ -159,7 +159,10 @@ class Packed(Executor):
         """
         pack = self.packs[method]
         peak_mb = pack.take_step_peak_mb()
-        self.measured[method] = max(self.measured.get(method, 0), stepped)
+        if peak_mb is not None or not torch.cuda.is_available():
+            # No peak on a GPU: the call ran no step (it returned trials that failed on being
+            # added), so this size is still unmeasured.
+            self.measured[method] = max(self.measured.get(method, 0), stepped)
         if not (self.auto and torch.cuda.is_available()) or not stepped or peak_mb is None:
             return
         base_bytes = sum(

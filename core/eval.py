@@ -98,6 +98,51 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+class _FusedHeadLossSums(torch.autograd.Function):
+    """Per-group cross-entropy sums whose gradient for the hidden states is computed in the forward.
+
+    A frozen LM head needs no weight gradient, so each chunk's logits serve twice before they are
+    freed: for the loss, and turned in place into softmax - one-hot, the loss's gradient, which
+    one matmul brings back to hidden size. The backward then only scales each position by its
+    group's incoming gradient. Checkpointing instead recomputes every chunk's logits, log-softmax
+    and their backward: half the LM head's work in a pack step over a 150k vocabulary. Written
+    here because the libraries that fuse this (Liger's fused linear cross-entropy) give one sum or
+    mean, not a sum per group (a pack's trials), and need Triton, which CPUs lack.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, owner, groups: int):
+        sums = torch.zeros(groups, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, targets.numel(), LOSS_CHUNK):
+            end = start + LOSS_CHUNK
+            logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()
+            picked = targets[start:end].unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            sums.index_add_(0, owner[start:end], (lse - logits.gather(1, picked)).squeeze(1))
+            probs = logits.sub_(lse).exp_()
+            probs.scatter_add_(1, picked, torch.full_like(picked, -1.0, dtype=probs.dtype))
+            grad[start:end] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad, owner)
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        grad, owner = ctx.saved_tensors
+        # Scaled in fp32: a half-precision 1/divisor would bias a whole trial's gradient.
+        scale = grad_sums.float().index_select(0, owner).unsqueeze(1)
+        return (grad.float() * scale).to(grad.dtype), None, None, None, None, None
+
+
+def _fusable(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """A plain frozen linear head over hidden states that need a gradient: what the fused loss covers."""
+    return (
+        type(head) is torch.nn.Linear
+        and not any(p.requires_grad for p in head.parameters())
+        and hidden.requires_grad
+    )
+
+
 def head_loss_sums(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, groups: int
 ) -> torch.Tensor:
@@ -105,9 +150,13 @@ def head_loss_sums(
 
     Only labelled positions go through the LM head, `LOSS_CHUNK` at a time: a whole batch's logits
     would be rows x tokens x vocabulary in fp32, tens of GB for a 150k vocabulary. With gradients
-    on, each chunk's logits are recomputed in the backward pass (checkpointed) rather than kept.
+    on, a frozen linear head computes the hidden states' gradient chunk by chunk in the forward
+    (`_FusedHeadLossSums`); any other head's chunks are checkpointed (logits recomputed in the
+    backward pass rather than kept).
     """
     hidden = hidden.to(next(head.parameters()).dtype)
+    if torch.is_grad_enabled() and _fusable(head, hidden):
+        return _FusedHeadLossSums.apply(hidden, head.weight, head.bias, targets, owner, groups)
     sums = torch.zeros(groups, device=hidden.device)
     for start in range(0, targets.numel(), LOSS_CHUNK):
         end = start + LOSS_CHUNK

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
 
 from core.config import SweepConfig
 from core.errors import is_programming_error
@@ -32,13 +31,15 @@ from runners.memory import PeakMemory
 from runners.models import ModelCache
 from runners.multilora import lora_config, seeded_peft_model
 
-# transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
-# old name; older 5.x releases (still common on GPU images) only know the old one.
-_CHECKPOINTING_ARG = (
-    "activation_checkpointing"
-    if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-    else "gradient_checkpointing"
-)
+if TYPE_CHECKING:
+    from trl import SFTConfig, SFTTrainer
+
+
+def _checkpointing_arg(config_class: type) -> str:
+    # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x and warns on the
+    # old name; older 5.x releases (still common on GPU images) only know the old one.
+    fields = config_class.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 def _ignore_step(step: int, total: int) -> None:
@@ -196,6 +197,10 @@ class TrialRunner:
         return [FaultCallback(fault)] if fault is not None and fault.kind != "disk_full" else []
 
     def _sft_config(self, params: TrialParams, output_dir: Path) -> SFTConfig:
+        # Imported here, not at the top: packed sweeps never build a trainer, and importing TRL
+        # is 1-2 s of every sweep's start-up.
+        from trl import SFTConfig
+
         on_gpu = torch.cuda.is_available()
         # Mixed precision whenever the GPU has bf16, also for dtype auto/float32 weights (classic AMP);
         # only float16 models are left to train as they are.
@@ -213,7 +218,7 @@ class TrialRunner:
             max_grad_norm=params.max_grad_norm,
             seed=params.seed,
             bf16=bf16,
-            **{_CHECKPOINTING_ARG: params.gradient_checkpointing},
+            **{_checkpointing_arg(SFTConfig): params.gradient_checkpointing},
             max_length=params.cutoff_len,
             packing=params.packing,
             # Data arrives tokenized, masked and truncated from the cache; letting TRL re-map it per
@@ -318,6 +323,8 @@ class TrialRunner:
                 lambda: self.objective.score(trainable.model, tokenizer, subset).value,
                 callbacks,
             )
+        from trl import SFTTrainer
+
         try:
             trainer = SFTTrainer(
                 model=trainable.model,

@@ -83,3 +83,23 @@ def test_when_the_drawn_init_is_not_peft_s_every_trial_goes_through_peft(adapter
         adapters.assign(slot, config(rank, alpha, rslora, "all-linear"), seed)
     assert peft_calls == [3, 11, 5]
     assert_slot_is_peft_init(adapters, 1, config(8, 16, False, "all-linear"), 11)
+
+
+def test_trials_sharing_rank_and_seed_reuse_one_draw_with_each_their_own_scale(
+    adapters, peft_calls, monkeypatch
+):
+    draws: list[int] = []
+    real = multilora.draw_lora_init
+    monkeypatch.setattr(
+        multilora, "draw_lora_init", lambda shapes, cfg, seed: draws.append(seed) or real(shapes, cfg, seed)
+    )
+    adapters.assign(0, config(4, 8, True, "all-linear"), 7)  # through peft, then checked by one draw
+    adapters.assign(1, config(4, 16, False, "all-linear"), 7)
+    with torch.no_grad():  # slot 1 trains; the kept draw that slot 2 gets must not move with it
+        for layer in adapters.layers.values():
+            layer.A[1] += 1.0
+    adapters.assign(2, config(4, 2, True, "all-linear"), 7)
+
+    assert peft_calls == [7]
+    assert draws == [7, 7]  # the check at the first trial, then one draw for both later trials
+    assert_slot_is_peft_init(adapters, 2, config(4, 2, True, "all-linear"), 7)

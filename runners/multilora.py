@@ -24,11 +24,12 @@ gradient clipping, matching torch.optim.AdamW and `clip_grad_norm_` in fp32.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def seeded_peft_model(model: nn.Module, config: LoraConfig, seed: int) -> PeftMo
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+def distinct_equal_runs(owners: Sequence[int]) -> list[int] | None:
+    """The owner of each run if `owners` is runs of one length, each of another owner; else None."""
+    runs = [(owner, len(list(group))) for owner, group in itertools.groupby(owners)]
+    if not runs or len({length for _, length in runs}) != 1 or len({o for o, _ in runs}) != len(runs):
+        return None
+    return [owner for owner, _ in runs]
 
 
 class Routing:
@@ -478,6 +487,25 @@ class MultiLoRA:
             layer.set_slot(slot, None, None, 0.0)
         self.routing.set_dropout(slot, 0.0)
         self.slots[slot] = None
+
+    def router(self, slots: Sequence[int]) -> Callable[[Sequence[int]], AbstractContextManager]:
+        """A `RowRouter` over `slots`: rows the objective gives to adapter k go through `slots[k]`.
+
+        Batches made of equal runs, one adapter each (eval batches come adapter by adapter), are
+        routed a run at a time: each layer's low-rank product is then r columns wide, where row
+        routing computes every slot's side by side (K x r) and masks.
+        """
+
+        def route(rows: Sequence[int]) -> AbstractContextManager:
+            owners = [slots[row] for row in rows]
+            runs = distinct_equal_runs(owners)
+            if runs is not None and len(runs) == 1:
+                return self.routing.one_slot(runs[0])
+            if runs is not None:
+                return self.routing.by_group(torch.tensor(runs, device=self.device), runs)
+            return self.routing.by_row(torch.tensor(owners, device=self.device), present=slots, frozen=True)
+
+        return route
 
     def _slot(self, slot: int) -> _Slot:
         info = self.slots[slot]

@@ -798,13 +798,11 @@ class PackedRunner:
         adapters = self._adapters
         slots = [trial.slot for trial in trials]
 
-        def route(rows):
-            index = torch.tensor([slots[row] for row in rows], device=adapters.device)
-            return adapters.routing.by_row(index, present=slots, frozen=True)
-
         started = perf_counter()
         try:
-            scores = score_many(adapters.model, self._tokenizer, self._eval, len(trials), route)
+            scores = score_many(
+                adapters.model, self._tokenizer, self._eval, len(trials), adapters.router(slots)
+            )
         except Exception as exc:  # the trials are then scored one by one, each failing on its own
             if is_programming_error(exc):
                 raise

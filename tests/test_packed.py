@@ -18,7 +18,7 @@ from core.trial import TrialParams, TrialResult, TrialStatus
 from objectives.eval_loss import EvalLoss
 from objectives.generation import generate_for_adapters, generate_for_objective
 from runners import attention
-from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, lora_config
+from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, distinct_equal_runs, lora_config
 from runners.packed import CUT_COST_TOKENS, SCORE_WAIT_STEPS, PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
 from tests.conftest import DEFAULT_SPACE, DEFAULT_TRAINING, config_text
@@ -543,15 +543,6 @@ def test_frozen_row_routing_runs_each_row_through_its_own_slot(runner):
         torch.testing.assert_close(mixed[row], alone[0], rtol=1e-5, atol=1e-5)
 
 
-def routed(adapters: MultiLoRA, slots: list[int]):
-    """A `RowRouter` over `slots`: adapter k of the objective is slot `slots[k]`."""
-
-    def route(rows):
-        return adapters.routing.by_row(torch.tensor([slots[k] for k in rows]), present=slots, frozen=True)
-
-    return route
-
-
 def test_adapters_decoded_together_generate_what_each_generates_alone(runner):
     model = copy.deepcopy(runner.models.base())
     adapters = trained_slots(model, [lora_config(FOUR[0]), lora_config(FOUR[1]), lora_config(FOUR[3])])
@@ -567,7 +558,7 @@ def test_adapters_decoded_together_generate_what_each_generates_alone(runner):
     prompts = [f"{a} + {b} =" for a, b in [(1, 2), (3, 4), (10, 20), (7, 1), (2, 2)]]
     slots = [2, 0, 1]
     together = generate_for_adapters(
-        config, model, tokenizer, prompts, (), len(slots), routed(adapters, slots)
+        config, model, tokenizer, prompts, (), len(slots), adapters.router(slots)
     )
     for outputs, slot in zip(together, slots):
         with adapters.routing.one_slot(slot):
@@ -583,10 +574,38 @@ def test_eval_loss_of_adapters_scored_together_equals_each_scored_alone(runner):
     data = EvalData(runner._splits.eval, split, runner._template)
     objective = EvalLoss(ObjectiveConfig(name="eval_loss", batch_size=3))
     slots = [1, 2, 0]
-    together = objective.score_many(model, tokenizer, data, len(slots), routed(adapters, slots))
+    together = objective.score_many(model, tokenizer, data, len(slots), adapters.router(slots))
     for score, slot in zip(together, slots):
         with adapters.routing.one_slot(slot):
             alone = objective.score(model, tokenizer, data)
         assert score.value == pytest.approx(alone.value, rel=1e-5)
         assert score.metrics["eval_tokens"] == alone.metrics["eval_tokens"]
     assert len({round(score.value, 6) for score in together}) == 3
+
+
+@pytest.mark.parametrize(
+    ("owners", "runs"),
+    [([1, 1, 2, 2, 0, 0], [1, 2, 0]), ([3, 3, 3], [3]), ([1, 2, 1, 2], None), ([1, 1, 2], None), ([], None)],
+)
+def test_a_batch_is_adapter_runs_only_when_each_run_has_one_length_and_its_own_adapter(owners, runs):
+    assert distinct_equal_runs(owners) == runs
+
+
+def test_eval_batches_go_a_run_at_a_time_and_interleaved_decode_rows_row_by_row(runner, monkeypatch):
+    model = copy.deepcopy(runner.models.base())
+    adapters = trained_slots(model, [lora_config(FOUR[0]), lora_config(FOUR[1]), lora_config(FOUR[3])])
+    taken: list[str] = []
+    for mode in ("by_group", "by_row", "one_slot"):
+        real = getattr(adapters.routing, mode)
+        monkeypatch.setattr(
+            adapters.routing, mode, lambda *a, _m=mode, _r=real, **k: taken.append(_m) or _r(*a, **k)
+        )
+    route = adapters.router([2, 0, 1])
+
+    with route([0, 0, 1, 1, 2, 2]):  # what `EvalLoss.score_many` sends: each eval row once per adapter
+        pass
+    with route([0, 1, 2, 0, 1, 2]):  # a decode batch: each prompt's copies side by side
+        pass
+    with route([1, 1]):
+        pass
+    assert taken == ["by_group", "by_row", "one_slot"]

@@ -237,3 +237,33 @@ def test_peak_memory_folded_for_a_part_of_the_work_still_counts_the_whole(monkey
     assert memory.peak_mb() == 60
     memory.reset()
     assert memory.peak_mb() == 0
+
+
+def test_an_auto_pack_out_of_memory_past_a_size_that_ran_goes_back_to_that_size(auto_on_a_gpu, monkeypatch):
+    executor = auto_on_a_gpu
+    for number in range(4):
+        executor.submit(job(number))
+    executor.wait(timeout=1.0)  # 4 trials ran: the pack may grow to 8
+    for number in range(4, 8):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "step_peak_mb", 55 * GB / 2**20)
+    executor.wait(timeout=1.0)  # 8 ran, peaking at 55 GB: (55 - 1) / 8 a trial, so 10 fit
+    assert executor.capacity == 10
+    for number in range(8, 10):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "oom", True)
+    executor.wait(timeout=1.0)  # ... but 10 did not
+
+    assert executor.capacity == 8 and not executor.auto  # not 5: 8 ran, and it grows no more
+    assert executor.fake_packs[1].capacity == 8 and executor.fake_packs[1].trials == list(range(8))
+    assert [waiting.number for waiting in executor.waiting] == [8, 9]
+
+
+def test_an_auto_pack_out_of_memory_at_a_size_that_ran_before_is_halved(auto_on_a_gpu, monkeypatch):
+    executor = auto_on_a_gpu
+    for number in range(4):
+        executor.submit(job(number))
+    executor.wait(timeout=1.0)
+    monkeypatch.setattr(FakePack, "oom", True)  # a later step of the same 4 trials, longer rows
+    executor.wait(timeout=1.0)
+    assert executor.capacity == 2  # the 4 trials that ran out of memory, halved: no size is known to fit

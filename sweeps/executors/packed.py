@@ -177,11 +177,16 @@ class Packed(Executor):
     def _shrink(self, method: str) -> list[Event]:
         """Out of memory in a pack step: halve the pack and rerun its trials from their start.
 
-        At one trial a pack cannot shrink: the trial fails as out of memory and the loop retries
-        it at half the micro-batch (`budget.oom_retry`).
+        An auto pack that ran out of memory growing past a size whose steps already ran goes back
+        to that size instead: halving would leave it below what is known to fit for the rest of
+        the sweep (H100, eval-loss sweep: an optimistic probe step at 10 trials ran out of memory
+        after 8 had run, and halving kept the pack at 5). Either way it stops growing. At one
+        trial a pack cannot shrink: the trial fails as out of memory and the loop retries it at
+        half the micro-batch (`budget.oom_retry`).
         """
         pack = self.packs.pop(method)
         numbers = pack.active()
+        ran = self.measured.get(method, 0) if self.auto else 0
         pack.close()
         for number in numbers:
             self._stop_monitor(number)
@@ -194,7 +199,8 @@ class Packed(Executor):
                 failure_kind="oom",
             )
             return [Finished(number, failed) for number in numbers if self.jobs.pop(number, None)]
-        self.capacity = max(1, self.capacity // 2)
+        halved = max(1, min(self.capacity, len(numbers)) // 2)
+        self.capacity = ran if halved < ran < len(numbers) else halved
         self.auto = False
         for number in numbers:
             self._add(self.jobs[number])

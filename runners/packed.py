@@ -22,7 +22,7 @@ import gc
 import itertools
 import math
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +110,28 @@ complete within them, so they are scored in one pass. Slots filled at different 
 pack growing after its first steps) stay that many steps apart, and a generation objective's
 decode is the pack's largest cost: one batched decode of 8 adapters' prompts costs far less than
 two of 4 (bench/RESULTS.md), against at most two steps of the waiting slots."""
+
+
+FORWARD_MEMORY_SHARE = 0.85
+"""Share of the card a joined pack forward may fill, at the memory per token its steps have used."""
+
+
+def split_trials(totals: Sequence[int], budget: int | None) -> list[range]:
+    """Trials (their joined tokens in `totals`) in contiguous groups whose joined batch fits `budget`.
+
+    A joined batch is (trials x the widest trial's tokens); a group holds at least one trial.
+    One group when everything fits or there is no budget.
+    """
+    if budget is None or len(totals) * max(totals, default=0) <= budget:
+        return [range(len(totals))]
+    groups, start, width = [], 0, 0
+    for index, total in enumerate(totals):
+        if index > start and (index - start + 1) * max(width, total) > budget:
+            groups.append(range(start, index))
+            start, width = index, 0
+        width = max(width, total)
+    groups.append(range(start, len(totals)))
+    return groups
 
 
 def remaining_pack_steps(trial: _Trial) -> int:
@@ -421,6 +443,15 @@ class PackedRunner:
         self._norms: torch.Tensor | None = None
         self.cut_cost_tokens = CUT_COST_TOKENS
         self.score_wait_steps = SCORE_WAIT_STEPS
+        self.max_forward_tokens: int | None = None
+        """A joined pack step whose batch would exceed this many tokens (trials x the widest
+        trial's) runs as several forwards over groups of trials, each backpropagated before the
+        next (`split_trials`). On CUDA it is set from the steps' own peaks
+        (`_fit_forward_tokens`): a step's memory follows its widest trial's rows, which vary
+        from step to step, and a pack sized from one step's peak ran out of memory at a later,
+        wider step (H100, bench/RESULTS.md sixth round). None: one forward."""
+        self._bytes_per_token = 0.0
+        self._forward_tokens = 0
         self.join_rows: bool | None = None
         """Join each trial's rows end to end in a pack step instead of padding every row to the
         longest (`PackBatch.joined`). None: where the fused varlen kernel runs (CUDA) and the
@@ -620,6 +651,8 @@ class PackedRunner:
         recent = self._memory.recent_mb()
         if recent is not None:
             self._step_peak_mb = max(self._step_peak_mb or 0.0, recent)
+            if self._adapters.device.type == "cuda" and self._joins_rows():
+                self._fit_forward_tokens(recent * 2**20)
         elapsed = perf_counter() - started
         for trial in trials:
             trial.train_s += elapsed
@@ -661,42 +694,79 @@ class PackedRunner:
         ]
         pad_id = self._tokenizer.pad_token_id
         join = self._joins_rows()
+        # Each forward: its batch, built one at a time (the host lays out the next while the device
+        # computes this one), and the trials it holds, as a range of `trials`.
         if join:
-            forwards = iter([PackBatch.joined(rows, row_owner, slots, divisor, pad_id, adapters.device)])
-        else:
-            # Built one at a time: the host lays out the next chunk while the device computes this one.
+            totals = [sum(map(len, batch["input_ids"])) for batch in batches]
             forwards = (
-                PackBatch.build(
-                    [rows[i] for i in chunk],
-                    [row_owner[i] for i in chunk],
-                    slots,
-                    divisor,
-                    pad_id,
-                    adapters.device,
-                    grouped,
+                (
+                    PackBatch.joined(
+                        [row for row, owner in zip(rows, row_owner) if owner in group],
+                        [owner - group.start for owner in row_owner if owner in group],
+                        slots[group.start : group.stop],
+                        divisor[group.start : group.stop],
+                        pad_id,
+                        adapters.device,
+                    ),
+                    group,
+                )
+                for group in split_trials(totals, self.max_forward_tokens)
+            )
+        else:
+            forwards = (
+                (
+                    PackBatch.build(
+                        [rows[i] for i in chunk],
+                        [row_owner[i] for i in chunk],
+                        slots,
+                        divisor,
+                        pad_id,
+                        adapters.device,
+                        grouped,
+                    ),
+                    range(len(trials)),
                 )
                 for chunk, grouped in self._chunks(batches)
             )
         model.train()
         self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))
         sums = torch.zeros(len(trials), device=adapters.device)
-        for batch in forwards:
-            present = {slots[i] for i in set(batch.row_owner.tolist())}
+        self._forward_tokens = 0
+        for batch, group in forwards:
+            held = slots[group.start : group.stop]
+            present = {held[i] for i in set(batch.row_owner.tolist())}
+            self._forward_tokens = max(self._forward_tokens, batch.input_ids.numel())
             if batch.route is None:
-                routed = adapters.routing.one_slot(slots[int(batch.row_owner[0])])
+                routed = adapters.routing.one_slot(held[int(batch.row_owner[0])])
             elif batch.grouped:
                 routed = adapters.routing.by_group(batch.route, present)
             else:
                 routed = adapters.routing.by_row(batch.route, present)
             # The backward runs inside the routing too: checkpointed layers run their forward again.
             with routed, joined_rows(model) if join else nullcontext():
-                chunk_sums = _label_loss_sums(model, batch, len(trials))
+                chunk_sums = _label_loss_sums(model, batch, len(held))
                 (chunk_sums / batch.divisor).sum().backward()
-            sums += chunk_sums.detach()
+            sums[group.start : group.stop] += chunk_sums.detach()
         self._norms = self._optimizer.grad_norms()
         values = torch.cat([sums, self._norms]).tolist()
         losses = [total / max(count, 1) for total, count in zip(values, counts)]
         return losses, values[len(trials) :]
+
+    def _fit_forward_tokens(self, peak_bytes: float) -> None:
+        """`max_forward_tokens` from a step's peak: what the card holds at the most memory per token seen.
+
+        Everything beyond the model's own weights counts as per token (optimizer state too), which
+        errs on the safe side at small steps.
+        """
+        model = self._adapters.model
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if self._forward_tokens:
+            share = (peak_bytes - weights) / self._forward_tokens
+            self._bytes_per_token = max(self._bytes_per_token, share)
+        if self._bytes_per_token > 0:
+            total = torch.cuda.get_device_properties(self._adapters.device).total_memory
+            room = total * FORWARD_MEMORY_SHARE - weights
+            self.max_forward_tokens = max(1, int(room / self._bytes_per_token))
 
     def _joins_rows(self) -> bool:
         """Whether pack steps join each trial's rows (see `join_rows`), decided once the base is loaded."""

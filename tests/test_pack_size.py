@@ -10,7 +10,7 @@ import torch
 
 from core.trial import TrialParams
 from runners.memory import PeakMemory
-from runners.packed import CUT_COST_TOKENS, plan_chunks, plan_parts
+from runners.packed import CUT_COST_TOKENS, plan_chunks, plan_parts, split_trials
 from sweeps.executors.base import TrialJob
 from sweeps.executors.packed import AUTO_MAX, Packed, auto_capacity
 
@@ -33,6 +33,17 @@ def test_a_pack_shrinks_when_its_steps_no_longer_fit() -> None:
 def test_a_pack_keeps_at_least_one_trial_and_at_most_the_maximum() -> None:
     assert auto_capacity(2 * GB, 84 * GB, active=1, total_bytes=85 * GB, current=1) == 1
     assert auto_capacity(2 * GB, int(2.1 * GB), active=16, total_bytes=85 * GB, current=16) == AUTO_MAX
+
+
+def test_a_joined_step_over_its_token_budget_runs_as_groups_of_whole_trials() -> None:
+    # Joined, a group costs (trials x its widest trial's tokens).
+    assert split_trials([100, 300, 200, 250], budget=600) == [range(2), range(2, 4)]
+    assert split_trials([100, 300, 200, 250], budget=1200) == [range(4)]
+    assert split_trials([100, 300, 200, 250], budget=None) == [range(4)]
+
+
+def test_a_trial_wider_than_the_budget_still_runs_alone() -> None:
+    assert split_trials([900, 100, 100], budget=500) == [range(1), range(1, 3)]
 
 
 def test_rows_of_very_different_lengths_are_cut_where_padding_costs_more_than_a_forward() -> None:

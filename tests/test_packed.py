@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from core.trial import TrialParams, TrialResult, TrialStatus
 from objectives.eval_loss import EvalLoss
 from objectives.generation import generate_for_adapters, generate_for_objective
 from runners import attention
+from runners import packed as packed_module
 from runners.multilora import MultiAdamW, MultiLoRA, MultiLoRALinear, distinct_equal_runs, lora_config
 from runners.packed import CUT_COST_TOKENS, SCORE_WAIT_STEPS, PackedRunner, total_steps
 from runners.sft import TrialCallbacks, TrialRunner
@@ -193,6 +195,45 @@ def test_a_pack_step_of_joined_rows_trains_as_one_at_a_time(runner, solo, tmp_pa
     # 4 steps x 2 layers, each over the 4 trials' 4 rows plus the padding tails of the shorter trials.
     assert len(rows_seen) == 4 * 2 and all(16 <= rows <= 16 + 3 for rows in rows_seen)
     assert runner.models.base().config._attn_implementation == before
+
+
+def test_a_joined_step_split_into_forwards_under_a_token_budget_trains_as_one_at_a_time(
+    runner, solo, tmp_path, monkeypatch
+):
+    forwards: list[int] = []
+    real = packed_module._label_loss_sums
+    monkeypatch.setattr(
+        packed_module,
+        "_label_loss_sums",
+        lambda model, batch, trials: forwards.append(trials) or real(model, batch, trials),
+    )
+    pack = PackedRunner(runner, 4)
+    pack.join_rows = True
+    pack.max_forward_tokens = 4 * 48  # about a trial's 4 rows: every step runs in several forwards
+    packed = run_pack(runner, FOUR, 4, tmp_path, pack)
+    for number in FOUR:
+        assert_same_training(packed[number], solo[number])
+    assert len(forwards) > 4 * 4 / 2 and max(forwards) < 4  # more than two forwards a step, none of all 4
+
+
+def test_the_forward_token_budget_is_what_the_card_holds_at_the_most_memory_per_token_seen(
+    runner, monkeypatch
+):
+    gib = 2**30
+    pack = PackedRunner(runner, 4)
+    weights = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB of fp32 weights
+    pack._adapters = SimpleNamespace(model=weights, device=torch.device("cuda", 0))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * gib)
+    )
+    held = 4 * 2**20
+
+    pack._forward_tokens = 10_000
+    pack._fit_forward_tokens(held + 10_000 * 2**20)  # 1 MiB a token
+    assert pack.max_forward_tokens == int((80 * gib * 0.85 - held) / 2**20)
+    pack._forward_tokens = 20_000
+    pack._fit_forward_tokens(held + 10_000 * 2**20)  # half as much a token: the larger share stays
+    assert pack.max_forward_tokens == int((80 * gib * 0.85 - held) / 2**20)
 
 
 @pytest.mark.parametrize("join_rows", [False, True], ids=["padded", "joined-rows"])

@@ -446,12 +446,15 @@ class PackedRunner:
         self.max_forward_tokens: int | None = None
         """A joined pack step whose batch would exceed this many tokens (trials x the widest
         trial's) runs as several forwards over groups of trials, each backpropagated before the
-        next (`split_trials`). On CUDA it is set from the steps' own peaks
-        (`_fit_forward_tokens`): a step's memory follows its widest trial's rows, which vary
-        from step to step, and a pack sized from one step's peak ran out of memory at a later,
-        wider step (H100, bench/RESULTS.md sixth round). None: one forward."""
-        self._bytes_per_token = 0.0
+        next (`split_trials`). None: on CUDA, what the card holds at the memory per token the
+        pack's steps have used (`_forward_budget`), else one forward. A step's memory follows its
+        widest trial's rows, which vary from step to step: a pack sized from one step's peak ran
+        out of memory at a later, wider step (H100, bench/RESULTS.md sixth round)."""
+        self._per_token: dict[bool, float] = {}
+        """Activation bytes per token of a forward, by whether the base checkpoints activations."""
+        self._largest_forward: dict[bool, int] = {}
         self._forward_tokens = 0
+        self._held_bytes = 0
         self.join_rows: bool | None = None
         """Join each trial's rows end to end in a pack step instead of padding every row to the
         longest (`PackBatch.joined`). None: where the fused varlen kernel runs (CUDA) and the
@@ -694,6 +697,8 @@ class PackedRunner:
         ]
         pad_id = self._tokenizer.pad_token_id
         join = self._joins_rows()
+        model.train()
+        self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))
         # Each forward: its batch, built one at a time (the host lays out the next while the device
         # computes this one), and the trials it holds, as a range of `trials`.
         if join:
@@ -710,7 +715,7 @@ class PackedRunner:
                     ),
                     group,
                 )
-                for group in split_trials(totals, self.max_forward_tokens)
+                for group in split_trials(totals, self._forward_budget())
             )
         else:
             forwards = (
@@ -728,10 +733,13 @@ class PackedRunner:
                 )
                 for chunk, grouped in self._chunks(batches)
             )
-        model.train()
-        self._checkpoint(any(trial.params.gradient_checkpointing for trial in trials))
         sums = torch.zeros(len(trials), device=adapters.device)
         self._forward_tokens = 0
+        # What the step starts from (weights, adapters, optimizer state): the forwards' activations
+        # are the peak beyond it.
+        self._held_bytes = (
+            torch.cuda.memory_allocated(adapters.device) if adapters.device.type == "cuda" else 0
+        )
         for batch, group in forwards:
             held = slots[group.start : group.stop]
             present = {held[i] for i in set(batch.row_owner.tolist())}
@@ -753,20 +761,36 @@ class PackedRunner:
         return losses, values[len(trials) :]
 
     def _fit_forward_tokens(self, peak_bytes: float) -> None:
-        """`max_forward_tokens` from a step's peak: what the card holds at the most memory per token seen.
+        """Learn a forward's activation bytes per token from a step's peak (for `_forward_budget`).
 
-        Everything beyond the model's own weights counts as per token (optimizer state too), which
-        errs on the safe side at small steps.
+        Kept per checkpointing mode (checkpointed forwards hold a fraction of the activations).
+        Only steps within half of the largest forward so far count: a small one (a trial or two
+        stepping while the others wait to be scored) is mostly a forward's fixed costs, such as
+        an LM-head chunk's logits, and would make a token look several times dearer. Among those,
+        the dearest is kept; a forward twice the largest so far starts afresh.
         """
-        model = self._adapters.model
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        if self._forward_tokens:
-            share = (peak_bytes - weights) / self._forward_tokens
-            self._bytes_per_token = max(self._bytes_per_token, share)
-        if self._bytes_per_token > 0:
-            total = torch.cuda.get_device_properties(self._adapters.device).total_memory
-            room = total * FORWARD_MEMORY_SHARE - weights
-            self.max_forward_tokens = max(1, int(room / self._bytes_per_token))
+        tokens, mode = self._forward_tokens, self._checkpointing
+        if not tokens:
+            return
+        largest = self._largest_forward.get(mode, 0)
+        share = max(peak_bytes - self._held_bytes, 0.0) / tokens
+        if tokens >= 2 * largest:
+            self._per_token[mode] = share
+        elif 2 * tokens >= largest:
+            self._per_token[mode] = max(self._per_token[mode], share)
+        self._largest_forward[mode] = max(largest, tokens)
+
+    def _forward_budget(self) -> int | None:
+        """Tokens a joined forward may hold now: `max_forward_tokens`, else fitted on CUDA, else None."""
+        if self.max_forward_tokens is not None:
+            return self.max_forward_tokens
+        device = self._adapters.device
+        per_token = self._per_token.get(self._checkpointing)
+        if device.type != "cuda" or not per_token:
+            return None
+        total = torch.cuda.get_device_properties(device).total_memory
+        room = total * FORWARD_MEMORY_SHARE - torch.cuda.memory_allocated(device)
+        return max(1, int(room / per_token))
 
     def _joins_rows(self) -> bool:
         """Whether pack steps join each trial's rows (see `join_rows`), decided once the base is loaded."""

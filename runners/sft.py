@@ -300,6 +300,9 @@ class TrialRunner:
         memory: PeakMemory,
         trial_number: int | None,
     ) -> TrialResult:
+        # Before the adapter goes onto the cached base: a TRL that fails to import then leaves it bare.
+        from trl import SFTTrainer
+
         self.prepare()
         started = perf_counter()
         tokenizer = self.models.tokenizer()
@@ -323,8 +326,6 @@ class TrialRunner:
                 lambda: self.objective.score(trainable.model, tokenizer, subset).value,
                 callbacks,
             )
-        from trl import SFTTrainer
-
         try:
             trainer = SFTTrainer(
                 model=trainable.model,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -63,3 +65,29 @@ def test_without_gradients_the_sums_are_the_plain_losses():
         sums = head_loss_sums(head, hidden, targets, owner, 3)
     torch.testing.assert_close(sums, reference(head, hidden, targets, owner, 3))
     assert sums.grad_fn is None
+
+
+def test_a_half_precision_head_gets_gradients_as_close_to_exact_as_autograd_s(monkeypatch):
+    monkeypatch.setattr(core.eval, "LOSS_CHUNK", 5)
+    head, hidden, targets, owner = case(bias=False)
+    exact_in = hidden.double().requires_grad_(True)
+    (reference(copy.deepcopy(head).double(), exact_in, targets, owner, 3) / 7.0).sum().backward()
+    grads = {}
+    for name, loss in (("fused", head_loss_sums), ("autograd", reference)):
+        inputs = hidden.to(torch.bfloat16).requires_grad_(True)
+        (loss(copy.deepcopy(head).to(torch.bfloat16), inputs, targets, owner, 3) / 7.0).sum().backward()
+        grads[name] = inputs.grad
+
+    def error(grad: torch.Tensor) -> float:
+        return float(torch.linalg.norm(grad.double() - exact_in.grad) / torch.linalg.norm(exact_in.grad))
+
+    assert grads["fused"].dtype == torch.bfloat16
+    assert error(grads["fused"]) <= 1.5 * error(grads["autograd"]) < 0.02
+
+
+def test_no_labelled_position_gives_zero_sums_and_a_backward_that_runs():
+    head, hidden, _, _ = case(bias=False)
+    empty = hidden[:0].clone().requires_grad_(True)
+    sums = head_loss_sums(head, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3)
+    sums.sum().backward()
+    assert torch.equal(sums, torch.zeros(3)) and empty.grad.shape == (0, 16)

@@ -112,8 +112,9 @@ decode is the pack's largest cost: one batched decode of 8 adapters' prompts cos
 two of 4 (bench/RESULTS.md), against at most two steps of the waiting slots."""
 
 
-FORWARD_MEMORY_SHARE = 0.85
-"""Share of the card a joined pack forward may fill, at the memory per token its steps have used."""
+PACK_MEMORY_SHARE = 0.85
+"""Share of the card a pack may fill: what an auto pack sizes its trials to
+(`sweeps.executors.packed.auto_capacity`) and what a joined forward's tokens are budgeted against."""
 
 
 def split_trials(totals: Sequence[int], budget: int | None) -> list[range]:
@@ -789,7 +790,7 @@ class PackedRunner:
         if device.type != "cuda" or not per_token:
             return None
         total = torch.cuda.get_device_properties(device).total_memory
-        room = total * FORWARD_MEMORY_SHARE - torch.cuda.memory_allocated(device)
+        room = total * PACK_MEMORY_SHARE - torch.cuda.memory_allocated(device)
         return max(1, int(room / per_token))
 
     def _joins_rows(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from core.config import SweepConfig
 from core.store import Store
 from core.trial import TrialResult, TrialStatus
-from runners.packed import PackedRunner
+from runners.packed import PACK_MEMORY_SHARE, PackedRunner
 from runners.sft import TrialRunner
 from sweeps.executors.base import Event, Executor, ExecutorCrashed, Finished, OnStep, TrialJob
 from sweeps.executors.host import TrialHost
@@ -29,7 +29,6 @@ from sweeps.tracking import SystemMetrics
 AUTO_START = 4
 """Pack size an `auto` pack starts from before it has measured a step."""
 AUTO_MAX = 16
-_MEMORY_HEADROOM = 0.85
 _pack_ids = itertools.count()
 
 
@@ -38,11 +37,11 @@ def auto_capacity(base_bytes: int, peak_bytes: int, active: int, total_bytes: in
 
     What the pack holds beyond the base grows with each trial (adapters, optimizer state,
     activations), so the share of one trial is (peak - base) / active; the pack may use
-    `_MEMORY_HEADROOM` of the card. Never below 1, never above `AUTO_MAX`, and never more than
+    `PACK_MEMORY_SHARE` of the card. Never below 1, never above `AUTO_MAX`, and never more than
     double the current size in one go, since a larger pack's step may peak higher per trial.
     """
     per_trial = max(peak_bytes - base_bytes, 1) / max(active, 1)
-    fits = int((total_bytes * _MEMORY_HEADROOM - base_bytes) // per_trial)
+    fits = int((total_bytes * PACK_MEMORY_SHARE - base_bytes) // per_trial)
     return max(1, min(AUTO_MAX, fits, 2 * current))
 
 

@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 import sweeps.loop
 from core.config import SweepConfig, parse_config
 from core.store import Store
-from core.trial import TrialResult, TrialStatus
+from core.trial import TrialParams, TrialResult, TrialStatus
 from sweeps.executors.base import Event, Executor, ExecutorCrashed, Finished, Lost, OnStep, TrialJob
+from sweeps.executors.host import TrialHost
 from sweeps.loop import SweepOutcome, TooManyFailures, run_sweep
 from sweeps.space import suggest, trial_params
 from sweeps.study import load_study, open_study
@@ -751,3 +752,23 @@ def test_an_executor_crash_without_a_message_still_closes_its_trials(make_config
 
     assert states(config, store) == ["FAIL"]
     assert Runs(config).trial_statuses == {0: "FAILED"}
+
+
+def test_a_trial_asks_the_sweeps_own_pruner_not_optunas_default(make_config, store, tmp_path):
+    # Optuna's default pruner (median, after 5 trials) would let the second trial go on.
+    config = make_config(extra="pruner: {type: median, n_startup_trials: 1, eval_every_steps: 2}")
+    study = open_study(config, store)
+    first = study.ask()
+    first.report(1.0, 2)
+    study.tell(first, 1.0)
+    second = study.ask()
+    job = TrialJob(
+        number=second.number,
+        trial_id=second._trial_id,
+        params=TrialParams(),
+        run_id="run",
+        work_dir=str(tmp_path),
+    )
+    report = TrialHost(config, store, runner=None).callbacks(job, lambda *_: None).report
+
+    assert report(10.0, 2) is False

@@ -11,7 +11,7 @@ from core.store import Store
 from core.trial import TrialResult
 from runners.sft import TrialCallbacks, TrialRunner
 from sweeps.executors.base import OnStep, TrialJob
-from sweeps.study import open_storage
+from sweeps.study import make_pruner, open_storage
 from sweeps.tracking import SweepTracker
 
 
@@ -27,7 +27,11 @@ class TrialHost:
         self.config = config
         self.runner = runner
         self.tracker = SweepTracker(config)
-        self.study = optuna.load_study(study_name=config.name, storage=open_storage(config, store))
+        # A loaded study has Optuna's default pruner (a median pruner after 5 trials), whatever the
+        # sweep's; `should_prune` asks this one.
+        self.study = optuna.load_study(
+            study_name=config.name, storage=open_storage(config, store), pruner=make_pruner(config)
+        )
 
     def callbacks(self, job: TrialJob, on_step: OnStep) -> TrialCallbacks:
         """The hooks a trial calls while it trains, bound to this job's run and trial."""

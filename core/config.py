@@ -333,8 +333,14 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="'auto' or ray://host:10001; unset: start a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (unset: all)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (unset: all)")
-    cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float = Field(0, ge=0)
+    cpus_per_trial: float = Field(
+        1, gt=0, description="CPUs an actor (one trial) reserves; unset with gangs: one a rank"
+    )
+    gpus_per_trial: float = Field(
+        0,
+        ge=0,
+        description="GPUs an actor reserves (below 1: actors share a GPU); gangs: workers.gpus_per_trial",
+    )
     max_concurrent_trials: int | None = Field(None, ge=1)
 
 
@@ -1017,13 +1023,17 @@ def _check_gangs(cfg: SweepConfig, base: Path, err) -> None:
         if "distributed" in cfg.model_fields_set:
             raise err(("distributed",), "applies to gang trials only: set workers.gpus_per_trial > 1")
         return
-    field = ("workers", "gpus_per_trial")
-    if cfg.backend == "ray":
-        raise err(field, "gang trials run on the local backend; Ray gangs are not built yet")
-    if cfg.pruner.type != "none":
-        # Rank 0 would score and decide while the other ranks wait in a collective: not built yet.
+    if cfg.pruner.type != "none" and cfg.objective.name != "eval_loss":
+        # Every rank runs each intermediate evaluation's forwards on the sharded model, so all must
+        # run the same ones. The other objectives do not promise that: generation sizes batches to
+        # each rank's free GPU memory and halves them on that rank's out-of-memory, transformers
+        # keeps decode steps in step across ranks (synced_gpus) for ZeRO-3 but not for
+        # accelerate's FSDP2, and lm-eval batches by its own rules. The ranks would fall out of
+        # step in a collective and hang.
         raise err(
-            ("pruner", "type"), "gang trials (workers.gpus_per_trial > 1) cannot be pruned yet; use none"
+            ("pruner", "type"),
+            "gang trials (workers.gpus_per_trial > 1) are pruned on objective eval_loss only, not "
+            f"{cfg.objective.name} (it cannot run in step on every rank of a sharded model); use none",
         )
     for name in ("count", "trials_per_gpu"):
         if name in workers.model_fields_set:
@@ -1044,6 +1054,35 @@ def _check_gangs(cfg: SweepConfig, base: Path, err) -> None:
     if problem:
         raise err(field, problem)
     dist._file_strategy, dist._file_settings = _read_distributed_file(dist.config_file, field, err)
+
+
+def _check_ray_gpus(cfg: SweepConfig, err) -> None:
+    """A trial's GPUs are `workers.gpus_per_trial` on Ray too; `ray.gpus_per_trial` may only agree.
+
+    For gang trials an actor reserves the gang's G GPUs, and unless `ray.cpus_per_trial` says
+    otherwise a CPU for each of its G ranks. Checked whatever the backend: `--backend ray` may pick
+    Ray when the file does not.
+    """
+    size, ray = cfg.workers.gpus_per_trial, cfg.ray
+    field = ("ray", "gpus_per_trial")
+    if "gpus_per_trial" in ray.model_fields_set:
+        if size > 1 and ray.gpus_per_trial != size:
+            raise err(
+                field,
+                f"is {ray.gpus_per_trial:g}, but a gang trial takes workers.gpus_per_trial = {size} GPUs; "
+                f"remove ray.gpus_per_trial or set it to {size}",
+            )
+        if size == 1 and ray.gpus_per_trial > 1:
+            # The actor's one-GPU trial would see them all, and Trainer would wrap it in DataParallel.
+            raise err(
+                field,
+                f"{ray.gpus_per_trial:g} GPUs an actor, but trials train on one GPU; for one trial on "
+                "several GPUs set workers.gpus_per_trial (a gang trial) instead",
+            )
+    if size > 1:
+        ray.gpus_per_trial = size
+        if "cpus_per_trial" not in ray.model_fields_set:
+            ray.cpus_per_trial = size
 
 
 def parse_config(text: str, file: Path) -> SweepConfig:
@@ -1089,6 +1128,7 @@ def parse_config(text: str, file: Path) -> SweepConfig:
     _check_chat_template(cfg, err)
     _check_multi_objective(cfg, err)
     _check_gangs(cfg, file.parent, err)
+    _check_ray_gpus(cfg, err)
     _resolve_data_source(cfg, file.parent, err)
     _resolve_paths(cfg, file.parent)
     cfg.source = file

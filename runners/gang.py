@@ -4,7 +4,9 @@ Each of the G processes (started by `sweeps.executors.gang` with torchrun's envi
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) builds a `GangTrialRunner` and runs the trial's
 `TrialParams`. transformers' Trainer, through accelerate, joins the process group, gives each rank
 its share of every global batch (G x per_device_batch_size x gradient_accumulation_steps rows a
-step) and shards the model with FSDP2 or DeepSpeed ZeRO. After training every rank takes part in
+step) and shards the model with FSDP2 or DeepSpeed ZeRO. With a pruner, every rank runs each
+intermediate evaluation (a forward of the sharded model is a collective), rank 0 reports it and
+decides, and every rank stops at the step rank 0 says. After training every rank takes part in
 gathering the full weights; rank 0 alone scores and saves them, with each rank's peak memory.
 
 Like `runners.sft`, this knows neither Optuna nor MLflow.
@@ -13,18 +15,19 @@ Like `runners.sft`, this knows neither Optuna nor MLflow.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.config import SweepConfig
-from core.trial import TrialParams
+from core.trial import TrialParams, TrialResult
 from runners.memory import PeakMemory
 from runners.models import ModelCache
 from runners.multilora import lora_config, seeded_peft_model
-from runners.sft import TrialRunner
+from runners.sft import TrialCallbacks, TrialRunner
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,23 @@ class Rank:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def rank_0_decides(report: Callable[[float, int], bool], rank: Rank) -> Callable[[float, int], bool]:
+    """`report` for a gang member: rank 0's answer (continue or prune), handed to every rank.
+
+    Only rank 0 holds the Optuna trial, so only its `report` is called; the others wait for its
+    answer, and the whole gang stops training at the same step or goes on together. A rank that
+    stopped alone would leave the others blocked in the next step's collectives.
+    """
+    import torch.distributed as dist
+
+    def decide(value: float, step: int) -> bool:
+        decision = [report(value, step) if rank.is_main else None]
+        dist.broadcast_object_list(decision, src=0)
+        return bool(decision[0])
+
+    return decide
 
 
 def allow_fsdp_on_cpu() -> None:
@@ -152,22 +172,29 @@ class GangTrialRunner(TrialRunner):
     def trainer_arguments(self, params: TrialParams) -> dict[str, Any]:
         return distributed_arguments(self.config, torch.cuda.is_available())
 
+    def training_ended(self, trainer, model: torch.nn.Module) -> None:
+        """Gather each rank's peak memory on rank 0, and note this rank's share of the FSDP weights.
+
+        Every rank comes here at once, a pruned trial's too, since all stopped at the same step.
+        """
+        import torch.distributed as dist
+
+        self.shard_fraction = _held_fraction(model) if trainer.is_fsdp_enabled else None
+        peaks: list[float | None] = [None] * self.rank.world_size
+        dist.all_gather_object(peaks, PeakMemory().peak_mb())
+        if self.rank.is_main:
+            self.rank_peaks_mb = peaks
+
     def trained_model(self, trainer, model: torch.nn.Module, params: TrialParams):
-        """Gather the full weights and each rank's peak memory on rank 0; there, an unsharded model.
+        """Gather the full weights on rank 0; there, an unsharded model.
 
         Every rank must take part in the gathering (it is a collective); only rank 0 gets a model
         back, loaded from the base's files with the trained weights, so scoring and saving run on
         plain modules, not on shards that would need every rank for each forward.
         """
-        import torch.distributed as dist
-
-        self.shard_fraction = _held_fraction(model) if trainer.is_fsdp_enabled else None
         state = self._full_state_dict(trainer, model)
-        peaks: list[float | None] = [None] * self.rank.world_size
-        dist.all_gather_object(peaks, PeakMemory().peak_mb())
         if not self.rank.is_main:
             return None
-        self.rank_peaks_mb = peaks
         # The shared base of this process was sharded in place; the unsharded copy comes from disk.
         base = ModelCache(self.config.model).base(quantized=params.method == "qlora")
         unsharded = (
@@ -184,9 +211,17 @@ class GangTrialRunner(TrialRunner):
         # Works alike on FSDP2's DTensor shards and on replicated (DDP) parameters.
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def run(self, params: TrialParams, output_dir: Path, callbacks=None, trial_number: int | None = None):
-        """The trial as `TrialRunner.run`; rank 0's result also carries every rank's peak memory."""
+    def run(
+        self,
+        params: TrialParams,
+        output_dir: Path,
+        callbacks: TrialCallbacks | None = None,
+        trial_number: int | None = None,
+    ) -> TrialResult:
+        """The trial as `TrialRunner.run`, pruned when rank 0 says; rank 0's result has each rank's peak memory."""
         self.rank_peaks_mb, self.shard_fraction = [], None
+        callbacks = callbacks or TrialCallbacks()
+        callbacks = replace(callbacks, report=rank_0_decides(callbacks.report, self.rank))
         result = super().run(params, output_dir, callbacks, trial_number)
         known = [peak for peak in self.rank_peaks_mb if peak is not None]
         if not self.rank.is_main or not known:

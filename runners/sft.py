@@ -241,6 +241,12 @@ class TrialRunner:
         """
         return {}
 
+    def training_ended(self, trainer: SFTTrainer, model: torch.nn.Module) -> None:
+        """Called in every process as soon as training ends, pruned or not; nothing to do in one process.
+
+        A gang's runner gathers its ranks' figures here, where every rank has arrived together.
+        """
+
     def trained_model(self, trainer: SFTTrainer, model: torch.nn.Module, params: TrialParams):
         """The model to score and save once training is done, or None where this process does neither.
 
@@ -352,9 +358,9 @@ class TrialRunner:
                 "train_tokens_per_s": tokens / timings.train_s if timings.train_s > 0 else 0.0,
                 "truncated_rows": train.truncated_rows,
             }
-            model = self.trained_model(trainer, trainable.model, params)
-            if model is None:
-                return TrialResult(status=TrialStatus.COMPLETE, **measured)
+            self.training_ended(trainer, trainable.model)
+            # Before `trained_model`: a pruned trial is neither scored nor saved, so a gang, whose
+            # ranks all stop at the same step, need not gather its weights for it.
             if pruning is not None and pruning.pruned_at is not None:
                 return TrialResult(
                     status=TrialStatus.PRUNED,
@@ -362,6 +368,9 @@ class TrialRunner:
                     metrics={"pruned_at_step": float(pruning.pruned_at)},
                     **measured,
                 )
+            model = self.trained_model(trainer, trainable.model, params)
+            if model is None:
+                return TrialResult(status=TrialStatus.COMPLETE, **measured)
             started = perf_counter()
             score = self.objective.score(model, tokenizer, eval_data)
             timings.eval_s += perf_counter() - started

@@ -106,17 +106,17 @@ def _load(path: Path) -> SweepConfig:
 
 
 def _executor(config: SweepConfig, store: Store, runner, on_ray: bool, pool, ray_address: str | None):
-    """The executor factory for this invocation: gangs, Ray actors, the worker pool, or this process."""
+    """The executor factory for this invocation: Ray actors (gangs or not), gangs, the pool, or this process."""
+    if on_ray:
+        from sweeps.executors.ray import RayActors
+
+        return lambda parent_id, on_step: RayActors(config, store, ray_address, on_step)
     if config.workers.gpus_per_trial > 1:
         from sweeps.executors.devices import visible_gpus
         from sweeps.executors.gang import GangExecutor, gang_devices
 
         gangs = gang_devices(visible_gpus(), config.workers.gpus_per_trial)
         return lambda parent_id, on_step: GangExecutor(config, store, gangs, on_step)
-    if on_ray:
-        from sweeps.executors.ray import RayActors
-
-        return lambda parent_id, on_step: RayActors(config, store, ray_address, on_step)
     if pool is not None:
         return lambda parent_id, on_step: pool.attach(on_step)
     from sweeps.executors.local import local_executor
@@ -136,10 +136,9 @@ def _run(
 
     on_ray = (backend or config.backend) == "ray"
     gangs = config.workers.gpus_per_trial > 1
-    if gangs and (on_ray or workers):
-        option = "--backend ray" if on_ray else "--workers"
+    if gangs and workers:
         _fail_input(
-            config.error("workers.gpus_per_trial", f"gang trials run on their own; {option} does not apply")
+            config.error("workers.gpus_per_trial", "gang trials run on their own; --workers does not apply")
         )
     gpus = visible_gpus()
     count = workers or config.workers.count or max(len(gpus), 1) * config.workers.trials_per_gpu
@@ -178,7 +177,12 @@ def _sweep(
     from sweeps.loop import TooManyFailures, run_sweep
 
     try:
-        runner = preflight(config, store)
+        if on_ray and config.workers.gpus_per_trial > 1:
+            from sweeps.executors.ray import ray_gang_preflight
+
+            runner = ray_gang_preflight(config, store, ray_address)
+        else:
+            runner = preflight(config, store)
     except InputError as exc:
         _fail_input(exc)
     try:

@@ -115,14 +115,16 @@ def _located(config: SweepConfig, exc: InputError) -> InputError:
     return exc
 
 
-def preflight(config: SweepConfig, store: Store):
+def preflight(config: SweepConfig, store: Store, gang_gpus: list[str] | None = None):
     """Everything that can be checked before a weight is loaded: model source, QLoRA, data rows.
 
-    Returns the prepared `TrialRunner` so the tokenized data and tokenizer are reused by trials.
-    Every problem is an `InputError`, at the YAML line of the field when it is the config's.
+    Gang settings are checked against `gang_gpus`, the GPUs a gang will have where they are not
+    this process's visible ones (a Ray cluster's). Returns the prepared `TrialRunner` so the
+    tokenized data and tokenizer are reused by trials. Every problem is an `InputError`, at the
+    YAML line of the field when it is the config's.
     """
     try:
-        return _preflight(config, store)
+        return _preflight(config, store, gang_gpus)
     except InputError as exc:
         raise _located(config, exc) from None
 
@@ -216,14 +218,14 @@ def check_gangs(config: SweepConfig, gpus: list[str]) -> None:
             raise config.error(strategy_field, f"{strategy} needs DeepSpeed: pip install deepspeed")
 
 
-def _preflight(config: SweepConfig, store: Store):
+def _preflight(config: SweepConfig, store: Store, gang_gpus: list[str] | None):
     from runners.models import check_model_source, qlora_unavailable_reason
     from runners.sft import TrialRunner
     from sweeps.executors.devices import visible_gpus
 
     _check_data_files(config)
     _check_outputs(config, store)
-    check_gangs(config, visible_gpus())
+    check_gangs(config, visible_gpus() if gang_gpus is None else gang_gpus)
     qlora = _qlora_field(config)
     reason = qlora_unavailable_reason() if qlora else None
     if reason:

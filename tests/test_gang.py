@@ -30,6 +30,7 @@ from tests.test_config import VALID
 
 FILE = Path("spaces/x.yaml")
 GANG = "workers:\n  gpus_per_trial: 2\n"
+PRUNER = "pruner:\n  type: median\n  eval_every_steps: 2\n"
 
 
 def error_for(text: str, file: Path = FILE) -> InputError:
@@ -58,8 +59,6 @@ def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_a_gang():
         (GANG + "distributed:\n  offload: maybe\n", "distributed.offload", "valid boolean"),
         (GANG + "distributed:\n  shard: yes\n", "distributed.shard", "allowed: strategy, offload"),
         ("distributed:\n  strategy: zero3\n", "distributed", "gang trials only"),
-        (GANG + "pruner:\n  type: median\n  eval_every_steps: 2\n", "pruner.type", "cannot be pruned"),
-        (GANG + "backend: ray\n", "workers.gpus_per_trial", "local backend"),
         ("workers:\n  gpus_per_trial: 2\n  count: 2\n", "workers.count", "does not apply to gang"),
         ("workers:\n  gpus_per_trial: 2\n  pack: 4\n", "workers.pack", "not packed"),
         (GANG + "distributed:\n  config_file: ds.json\n", "distributed.config_file", "file not found"),
@@ -72,6 +71,29 @@ def test_a_bad_gang_setting_is_one_error_at_its_line(extra, field, words):
     assert words in error.message
     key = field.rsplit(".", 1)[-1]
     assert error.line == max(n for n, line in enumerate(text.splitlines(), 1) if line.strip().startswith(key))
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        "name: gsm8k\n  eval_file: g.jsonl\n  num_fewshot: 0",
+        "name: ndcg\n  eval_file: r.jsonl",
+        "name: rouge_l",
+        "name: lm_eval\n  task: arc_easy\n  metric: acc",
+    ],
+)
+def test_a_gang_with_a_pruner_refuses_every_objective_but_eval_loss(objective):
+    text = VALID.replace("name: eval_loss", objective) + GANG + PRUNER
+    error = error_for(text)
+    assert error.field == "pruner.type"
+    assert f"pruned on objective eval_loss only, not {objective.split()[1]}" in error.message
+    assert error.line == text.splitlines().index("  type: median") + 1
+
+
+def test_a_gang_with_a_pruner_on_eval_loss_is_accepted():
+    config = parse_config(VALID + GANG + PRUNER, FILE)
+    assert config.workers.gpus_per_trial == 2
+    assert (config.pruner.type, config.pruner.eval_every_steps) == ("median", 2)
 
 
 def test_a_deepspeed_json_decides_the_strategy(tmp_path):
@@ -385,6 +407,67 @@ def test_a_gang_whose_ranks_all_end_well_reports_rank_0s_result(tmp_path, write_
     assert isinstance(event, Finished) and event.result.objective == 0.5
 
 
+# -- pruning: rank 0 decides, every rank stops ---------------------------------------------------
+
+
+class Broadcast:
+    """`torch.distributed.broadcast_object_list` for ranks called one after another in this process.
+
+    The rank named by `rank` calls next: rank 0's objects are sent, any other rank receives them.
+    """
+
+    def __init__(self):
+        self.rank = 0
+        self.sent: list = []
+
+    def __call__(self, objects: list, src: int = 0) -> None:
+        assert src == 0
+        if self.rank == 0:
+            self.sent.append(list(objects))
+        else:
+            objects[:] = self.sent[-1]
+
+
+def deciding_gang(monkeypatch, rank_0_says: bool):
+    """Rank 0's and rank 1's `report`, as `rank_0_decides` makes them, and the reports rank 0 was given."""
+    from runners.gang import Rank, rank_0_decides
+
+    broadcast = Broadcast()
+    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
+    reported: list[tuple[float, int]] = []
+
+    def rank_0_report(value: float, step: int) -> bool:
+        reported.append((value, step))
+        return rank_0_says
+
+    def rank_1_report(value: float, step: int) -> bool:
+        raise AssertionError("a rank other than 0 has no Optuna trial to report to")
+
+    decide_0 = rank_0_decides(rank_0_report, Rank(0, 2, 0))
+    decide_1 = rank_0_decides(rank_1_report, Rank(1, 2, 1))
+
+    def on_rank(rank: int, value: float, step: int) -> bool:
+        broadcast.rank = rank
+        return (decide_0 if rank == 0 else decide_1)(value, step)
+
+    return on_rank, reported
+
+
+@pytest.mark.parametrize("rank_0_says", [False, True])
+def test_every_rank_of_a_gang_gets_rank_0s_pruning_decision(monkeypatch, rank_0_says):
+    on_rank, _ = deciding_gang(monkeypatch, rank_0_says)
+    assert on_rank(0, 1.5, 2) is rank_0_says
+    assert on_rank(1, 1.5, 2) is rank_0_says
+
+
+def test_only_rank_0_reports_the_intermediate_value_to_the_pruner(monkeypatch):
+    on_rank, reported = deciding_gang(monkeypatch, rank_0_says=True)
+    for step in (2, 4):
+        on_rank(0, 3.0 - step / 4, step)
+        on_rank(1, 3.0 - step / 4, step)
+    assert reported == [(2.5, 2), (2.0, 4)]
+
+
 # -- acceptance: a 2-process gloo gang against the 1-process trial ------------------------------------
 
 
@@ -458,3 +541,50 @@ def test_a_two_process_gang_trains_the_loss_curve_of_one_process_with_the_same_g
         artifact = "model" if method == "full" else "adapter"
         names = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, artifact)}
         assert names & {"adapter_model.safetensors", "model.safetensors"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
+def test_a_gang_trial_the_pruner_stops_ends_pruned_on_every_rank_at_rank_0s_step(write_config, monkeypatch):
+    import optuna
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    # A median pruner from the first complete trial on. The grid (sampler seed 0) deals 1e-2 first,
+    # and at step 2 the learning rate 1e-6 has barely moved the random model's eval loss: pruned.
+    config = write_config(
+        space="learning_rate: {type: categorical, choices: [1.0e-6, 1.0e-2]}",
+        training="method: full\nmax_steps: 4\nper_device_batch_size: 4\ncutoff_len: 48",
+        extra="sampler: {type: grid}\n"
+        + GANG
+        + "distributed:\n  allow_cpu: true\n"
+        + "pruner: {type: median, n_startup_trials: 1, eval_every_steps: 2, eval_samples: 8}",
+    )
+    config.write_text(config.read_text().replace("sampler:\n  type: random\n  seed: 0\n", ""))
+    result = sweep("run", config, "--trials", 2)
+    assert result.exit_code == 0, result.output
+
+    journal = optuna.storages.journal.JournalFileBackend("mlruns/optuna/tiny.journal")
+    study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(journal))
+    complete, pruned = study.trials  # --trials 2: a pruned trial counts as finished
+    assert (complete.state.name, complete.params["learning_rate"]) == ("COMPLETE", 1e-2)
+    assert (pruned.state.name, pruned.params["learning_rate"]) == ("PRUNED", 1e-6)
+    [(step, value)] = pruned.intermediate_values.items()
+    assert step == 2 and value > complete.intermediate_values[2]
+
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    found = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted(r.info.status for r in found) == ["FINISHED"] * 3  # the parent and both trials
+    [run] = [r for r in found if r.data.tags.get("optuna.trial_number") == "1"]
+    assert (run.data.tags["optuna.state"], run.data.tags["sweep.status"]) == ("PRUNED", "PRUNED")
+    assert run.data.metrics["pruned_at_step"] == 2 and run.data.metrics["objective"] == value
+    curve = client.get_metric_history(run.info.run_id, "intermediate_objective")
+    assert [(m.step, m.value) for m in curve] == [(2, value)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert run.data.metrics["gang_size"] == 2 and "peak_memory_mb_rank1" in run.data.metrics
+    assert not client.list_artifacts(run.info.run_id, "model")  # a pruned trial is not saved
+
+    # Rank 1 stopped at rank 0's step too, having scored the same forwards, and exited cleanly.
+    rank_1 = Path("mlruns/trials/tiny/trial-1/gang/result-rank1.json")
+    other = TrialResult.model_validate_json(rank_1.read_text())
+    assert other.status == TrialStatus.PRUNED and other.metrics["pruned_at_step"] == 2
+    assert other.objective == pytest.approx(value, rel=RTOL)

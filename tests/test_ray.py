@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
+from core.config import parse_config
+from core.errors import InputError
+from sweeps.executors.ray import actor_gpus, ray_slots
+from tests.test_bad_inputs import line_of, no_trial_ran
+from tests.test_config import VALID
 from tests.test_sweep import runs, sweep, trial_states
 
 pytestmark = [
-    pytest.mark.slow,  # every test runs trials on local Ray
     # Looked up, not imported: importing Ray takes seconds of every run's collection, fast tier included.
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed"),
     pytest.mark.usefixtures("mlflow_db"),
@@ -129,3 +134,119 @@ def test_on_ray_an_oom_trial_is_retried_at_half_the_batch_and_a_dead_actors_tria
     halved = children[retries[0].number].data.params
     assert (halved["per_device_batch_size"], halved["gradient_accumulation_steps"]) == ("4", "2")
     assert all(children[t.number].info.status == "FINISHED" for t in history[2:])
+
+
+# -- gang trials on Ray ---------------------------------------------------------------------------
+
+RAY_GANG = "backend: ray\nworkers:\n  gpus_per_trial: 2\n"
+
+
+def test_on_ray_a_gang_actor_reserves_the_gangs_gpus_and_a_cpu_for_each_rank():
+    config = parse_config(VALID + RAY_GANG, Path("x.yaml"))
+    assert (config.ray.gpus_per_trial, config.ray.cpus_per_trial) == (2, 2)
+    agreeing = parse_config(
+        VALID + RAY_GANG + "ray:\n  gpus_per_trial: 2\n  cpus_per_trial: 6\n", Path("x.yaml")
+    )
+    assert (agreeing.ray.gpus_per_trial, agreeing.ray.cpus_per_trial) == (2, 6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (
+            RAY_GANG + "ray:\n  gpus_per_trial: 1\n",
+            "is 1, but a gang trial takes workers.gpus_per_trial = 2 GPUs",
+        ),
+        (
+            RAY_GANG + "ray:\n  gpus_per_trial: 0\n",
+            "is 0, but a gang trial takes workers.gpus_per_trial = 2 GPUs",
+        ),
+        ("backend: ray\nray:\n  gpus_per_trial: 2\n", "2 GPUs an actor, but trials train on one GPU"),
+    ],
+)
+def test_a_ray_gpu_count_that_contradicts_the_trials_is_one_error_at_its_line(extra, words):
+    text = VALID + extra
+    with pytest.raises(InputError) as caught:
+        parse_config(text, Path("x.yaml"))
+    assert caught.value.field == "ray.gpus_per_trial"
+    assert words in caught.value.message
+    assert caught.value.line == len(text.splitlines())
+
+
+def test_ray_slots_count_the_gangs_each_node_holds():
+    config = parse_config(VALID + RAY_GANG, Path("x.yaml"))
+    assert ray_slots(config, [{"CPU": 32, "GPU": 8}]) == 4
+    assert ray_slots(config, [{"CPU": 16, "GPU": 3}, {"CPU": 16, "GPU": 3}]) == 2  # not 6 // 2
+    assert ray_slots(config, [{"CPU": 16, "GPU": 8}, {"CPU": 16}]) == 4  # a CPU-only head holds none
+    assert actor_gpus(config, [{"CPU": 32, "GPU": 8}]) == 2
+
+
+def test_on_a_ray_cluster_without_gpus_a_gang_actor_takes_none_and_a_cpu_a_rank():
+    config = parse_config(VALID + RAY_GANG, Path("x.yaml"))
+    assert actor_gpus(config, [{"CPU": 4}]) == 0
+    assert ray_slots(config, [{"CPU": 4}]) == 2
+
+
+# Two local Ray CPUs hold one CPU gang of two ranks: trials one after another, as the 2-core machine
+# of these tests can train them.
+CPU_GANG = "backend: ray\nray: {num_cpus: 2, num_gpus: 0}\nworkers: {gpus_per_trial: 2}\ndistributed: {allow_cpu: true}"
+GANG_TRAINING = "max_steps: 2\nper_device_batch_size: 4\ncutoff_len: 48"
+
+
+def sweep_cpu_gangs(write_config, monkeypatch, trials: int) -> None:
+    """`sweep run --trials N` of CPU gang trials on a local Ray, which must end well."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    config = write_config(
+        space="learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}",
+        training=GANG_TRAINING,
+        extra=CPU_GANG,
+    )
+    result = sweep("run", config, "--trials", trials)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_of_cpu_gangs_records_one_child_run_a_trial(write_config, monkeypatch):
+    sweep_cpu_gangs(write_config, monkeypatch, trials=2)
+    assert trial_states("tiny") == ["COMPLETE", "COMPLETE"]
+    parent, children = runs("tiny")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 2
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["gang_size"] == 2
+        assert child.data.metrics["train_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_on_ray_a_gang_rank_that_dies_loses_the_trial_and_its_actor_retries_it(write_config, monkeypatch):
+    monkeypatch.setenv("SWEEP_FAULTS", "0:sigkill@1")  # every rank of trial 0 kills itself at step 1
+    sweep_cpu_gangs(write_config, monkeypatch, trials=1)
+    assert trial_states("tiny") == ["FAIL", "COMPLETE"]
+    parent, children = runs("tiny")
+    from tests.test_faults import by_number
+
+    children = by_number(children)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["worker_restarts"] == 1
+    # The gang's own report, not Ray's: the actor outlived its ranks.
+    assert children[0].info.status == "FAILED"
+    assert "of the trial's gang of 2 died (exit code -9)" in children[0].data.tags["error"]
+    assert children[1].info.status == "FINISHED" and children[1].data.metrics["gang_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_gang_no_ray_node_can_hold_stops_before_any_trial(write_config, project):
+    import ray
+
+    config = write_config(
+        training=GANG_TRAINING,
+        extra="backend: ray\nray: {num_cpus: 2, num_gpus: 1}\nworkers:\n  gpus_per_trial: 2",
+    )
+    result = sweep("run", config, "--trials", 1)
+    assert result.exit_code == 2, result.output
+    # The last line: Ray, started to see the cluster, may have logged its own start before it.
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: {config}:{line_of(config, 'gpus_per_trial')}: workers.gpus_per_trial: ")
+    assert "2 GPUs a trial, but no Ray node has 2 (GPUs a node: 1); a gang trial runs within one node" in line
+    assert no_trial_ran(project)
+    assert not ray.is_initialized()

@@ -11,7 +11,8 @@ leaves the others blocked in a collective, and killing the whole gang is the one
 The base model is therefore loaded per trial (a few seconds against the minutes of a trial that
 needs several GPUs). How the gang ended:
 
-- every rank exits 0: rank 0's result (COMPLETE, or FAILED when the trial raised on rank 0);
+- every rank exits 0: rank 0's result (COMPLETE; PRUNED, every rank having stopped at the step
+  rank 0 decided; or FAILED when the trial raised on rank 0);
 - a rank reports a failed trial (an out-of-memory error, say): the gang is stopped and the trial
   is FAILED with that rank's error and peak memory;
 - a rank dies without a word: the gang is stopped and the trial is lost, so the loop fails it and

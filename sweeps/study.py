@@ -72,7 +72,9 @@ def check_journal(path: Path) -> str | None:
         number, offset, size = torn
         with path.open("r+b") as handle:
             handle.truncate(offset)
-    return f"{path}:{number}: removed a torn last record of the Optuna journal ({size} bytes); the study goes on"
+    return (
+        f"{path}:{number}: removed a torn last record of the Optuna journal ({size} bytes); the study goes on"
+    )
 
 
 def open_storage(config: SweepConfig, store: Store) -> optuna.storages.BaseStorage | str:
@@ -235,5 +237,3 @@ def enqueue_retry(
         "overrides": {**trial.user_attrs.get("overrides", {}), **(overrides or {})},
     }
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
-
-

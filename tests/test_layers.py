@@ -33,8 +33,10 @@ def _imports(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("code", "blocked"),
     [
-        ("import core.config, core.trial, core.errors, core.rows, core.eval, core.store, core.objectives",
-         {"sweeps", "runners", "objectives"}),
+        (
+            "import core.config, core.trial, core.errors, core.rows, core.eval, core.store, core.objectives",
+            {"sweeps", "runners", "objectives"},
+        ),
         (
             (
                 "import runners.sft, runners.data, runners.models, objectives.registry, objectives.gsm8k, "
@@ -42,7 +44,10 @@ def _imports(code: str, blocked: set[str]) -> subprocess.CompletedProcess:
             ),
             {"sweeps"},
         ),
-        ("import objectives.gsm8k, objectives.ndcg, objectives.eval_loss, objectives.rouge", {"sweeps", "runners"}),
+        (
+            "import objectives.gsm8k, objectives.ndcg, objectives.eval_loss, objectives.rouge",
+            {"sweeps", "runners"},
+        ),
     ],
     ids=["core-alone", "runners-and-objectives-without-sweeps", "objectives-without-runners"],
 )

@@ -23,7 +23,9 @@ lora_rank: {type: categorical, choices: [2, 4, 8]}
 use_rslora: {type: bool}
 """
 PACK = "workers: {pack: 3}"
-HYPERBAND = "pruner: {type: hyperband, min_resource: 2, reduction_factor: 2, eval_every_steps: 2, eval_samples: 8}"
+HYPERBAND = (
+    "pruner: {type: hyperband, min_resource: 2, reduction_factor: 2, eval_every_steps: 2, eval_samples: 8}"
+)
 
 
 def client() -> MlflowClient:
@@ -89,7 +91,9 @@ def test_sigint_mid_pack_then_rerun_resumes_to_n_with_nothing_running(write_conf
 
     short = config.read_text().replace("max_steps: 80", "max_steps: 4")
     config.write_text(short)
-    rerun = subprocess.run(command, check=False, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        command, check=False, cwd=project, env=env, capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert trial_states("tiny").count("COMPLETE") == 4
     parent, children = runs("tiny")

@@ -198,6 +198,14 @@ class SweepTracker:
         for chunk in _chunks(self._pending.pop(run_id, []), 1000):
             self.client.log_batch(run_id, metrics=chunk)
 
+    def discard_pending(self, run_id: str) -> None:
+        """Drop the step metrics queued for `run_id` and not yet written.
+
+        For a trial that restarts from its first step: written, they would be a second curve over
+        the same steps as its rerun's.
+        """
+        self._pending.pop(run_id, None)
+
     def end_trial(self, run_id: str, result: TrialResult) -> str | None:
         """Log the result, attach the adapter (or the traceback), close the run; returns the adapter's URI."""
         self.flush(run_id)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.trial import TrialParams
+from core.trial import TrialParams, TrialResult, TrialStatus
 from runners.memory import PeakMemory
 from runners.packed import CUT_COST_TOKENS, plan_chunks, plan_parts, split_trials
 from sweeps.executors.base import TrialJob
@@ -122,9 +122,14 @@ def make_executor(monkeypatch):
         "sweeps.executors.packed.PackedRunner",
         lambda runner, capacity: packs.append(FakePack(runner, capacity)) or packs[-1],
     )
-    host = SimpleNamespace(
-        callbacks=lambda job, on_step: None, tracker=SimpleNamespace(monitor_system=lambda run_id: None)
+    discarded: list[str] = []
+    tracker = SimpleNamespace(
+        monitor_system=lambda run_id: None,
+        discard_pending=discarded.append,
+        flush=lambda run_id: None,
+        discarded=discarded,
     )
+    host = SimpleNamespace(callbacks=lambda job, on_step: None, tracker=tracker)
     monkeypatch.setattr("sweeps.executors.packed.TrialHost", lambda config, store, runner: host)
 
     def make(capacity: int) -> Packed:
@@ -132,6 +137,7 @@ def make_executor(monkeypatch):
             SimpleNamespace(), SimpleNamespace(), None, on_step=lambda *a: None, capacity=capacity
         )
         executor.fake_packs = packs
+        executor.discarded = discarded
         return executor
 
     return make
@@ -153,6 +159,22 @@ def test_a_pack_step_out_of_memory_halves_the_pack_and_every_trial_goes_on(make_
     first, second = executor.fake_packs
     assert first.closed and second.capacity == 4 and second.trials == [0, 1, 2, 3]
     assert [waiting.number for waiting in executor.waiting] == [4, 5, 6, 7]
+
+
+def test_trials_a_pack_restarts_drop_their_unwritten_curve_and_count_the_restart(make_executor, monkeypatch):
+    executor = make_executor(4)
+    for number in range(4):
+        executor.submit(job(number))
+    monkeypatch.setattr(FakePack, "oom", True)
+    executor.wait(timeout=1.0)
+    monkeypatch.setattr(FakePack, "oom", False)
+    complete = TrialResult(status=TrialStatus.COMPLETE, objective=1.0)
+    monkeypatch.setattr(FakePack, "advance", lambda pack, max_steps=None: [(0, complete), (1, complete)])
+
+    events = executor.wait(timeout=1.0)
+
+    assert executor.discarded == ["run-0", "run-1", "run-2", "run-3"]
+    assert [event.result.metrics["pack_restarts"] for event in events] == [1.0, 1.0]
 
 
 def test_the_smaller_pack_is_built_after_the_out_of_memory_error_is_released(make_executor, monkeypatch):

@@ -64,6 +64,8 @@ class Packed(Executor):
         self.waiting: list[TrialJob] = []
         self.solo: list[TrialJob] = []
         self.monitors: dict[int, SystemMetrics] = {}
+        self.restarts: dict[int, int] = {}
+        """Per trial, how often an out-of-memory pack step sent it back to its first step."""
         self.turn = 0
 
     def submit(self, job: TrialJob) -> None:
@@ -136,6 +138,9 @@ class Packed(Executor):
             if pack is not None:
                 # pack_size and the pack's shared peak memory come from the pack itself.
                 metrics = {**result.metrics, "pack_id": float(self.pack_ids[pack])}
+                restarts = self.restarts.pop(number, 0)
+                if restarts:
+                    metrics["pack_restarts"] = float(restarts)
                 result = result.model_copy(update={"metrics": metrics})
             events.append(Finished(number, result))
         return events
@@ -202,7 +207,11 @@ class Packed(Executor):
         self.capacity = ran if halved < ran < len(numbers) else halved
         self.auto = False
         for number in numbers:
-            self._add(self.jobs[number])
+            job = self.jobs[number]
+            # The trial starts over: its queued curve points would repeat the steps its rerun logs.
+            self.host.tracker.discard_pending(job.run_id)
+            self.restarts[number] = self.restarts.get(number, 0) + 1
+            self._add(job)
         return []
 
     def close(self, interrupted: bool = False) -> None:

@@ -9,12 +9,21 @@ intermediate evaluation (a forward of the sharded model is a collective), rank 0
 decides, and every rank stops at the step rank 0 says. After training every rank takes part in
 gathering the full weights; rank 0 alone scores and saves them, with each rank's peak memory.
 
+A rank process runs trial after trial (`sweeps.executors.gang` keeps its gang), so its runner keeps
+the tokenized data and the base's weights between them, as a one-GPU worker does. Unlike there, a
+trial cannot wrap the cached base itself: FSDP2's `fully_shard` turns the model it trains into
+shards in place. The base therefore stays in CPU memory, never trained, and every trial (and rank
+0's unsharded model for scoring) gets a fresh copy of it on the device (`GangTrialRunner.fresh_base`).
+
 Like `runners.sft`, this knows neither Optuna nor MLflow.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,9 +34,9 @@ import torch
 from core.config import SweepConfig
 from core.trial import TrialParams, TrialResult
 from runners.memory import PeakMemory
-from runners.models import ModelCache
+from runners.models import ModelCache, device
 from runners.multilora import lora_config, seeded_peft_model
-from runners.sft import TrialCallbacks, TrialRunner
+from runners.sft import TrialCallbacks, TrialRunner, _Trainable
 
 
 @dataclass(frozen=True)
@@ -158,16 +167,65 @@ def _held_fraction(model: torch.nn.Module) -> float:
     return held / total if total else 1.0
 
 
+def copy_to(model: torch.nn.Module, target: torch.device) -> torch.nn.Module:
+    """A deep copy of `model` whose parameters and buffers are new tensors on `target`.
+
+    Each tensor is copied straight to `target` (deep-copying first and moving after would hold a
+    second full copy in CPU memory on a GPU host). deepcopy's memo maps every tensor object once,
+    so weights tied under two names (embeddings and LM head) stay one tensor.
+    """
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        copied = parameter.detach().to(target, copy=True)
+        memo[id(parameter)] = torch.nn.Parameter(copied, requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach().to(target, copy=True)
+    return copy.deepcopy(model, memo)
+
+
 class GangTrialRunner(TrialRunner):
     """A `TrialRunner` for one rank of a gang: distributed Trainer arguments, weights gathered on rank 0."""
 
     def __init__(self, config: SweepConfig, rank: Rank, cache_dir: Path | None = None):
         super().__init__(config, cache_dir)
+        # The base is loaded once, into CPU memory, and never trained: `fresh_base` copies it.
+        self.models = ModelCache(config.model, place=torch.device("cpu"))
+        self._last_model: weakref.ref | None = None
         self.rank = rank
         self.rank_peaks_mb: list[float | None] = []
         """Each rank's peak memory when training ended (filled on rank 0)."""
         self.shard_fraction: float | None = None
         """The share of the model's parameters this rank held while training with FSDP (`_held_fraction`)."""
+
+    def fresh_base(self, quantized: bool) -> torch.nn.Module:
+        """An unsharded base model of its own for one trial, on this process's device.
+
+        A copy of the weights kept in CPU memory, not a read from disk. A 4-bit base (QLoRA)
+        is loaded from disk each time, as before: bitsandbytes' quantized weights live on the GPU
+        and are not copied tensor by tensor.
+        """
+        if quantized:
+            return ModelCache(self.config.model).base(quantized=True)
+        return copy_to(self.models.base(), device())
+
+    def _trainable(self, params: TrialParams) -> _Trainable:
+        """The trial's model on a fresh base: FSDP2 will shard it, so nothing of it outlives the trial."""
+        base = self.fresh_base(quantized=params.method == "qlora")
+        if params.method == "full":
+            model = base.requires_grad_(True)
+        else:
+            model = seeded_peft_model(base, lora_config(params), params.seed)
+        self._last_model = weakref.ref(model)
+        return _Trainable(model)
+
+    def holds_last_model(self) -> bool:
+        """Whether the model the last trial trained is still in memory (its shards, on a GPU).
+
+        It should not be: the process lives on to run the next trial, whose model would then
+        share the device with the leftover.
+        """
+        gc.collect()
+        return self._last_model is not None and self._last_model() is not None
 
     def trainer_arguments(self, params: TrialParams) -> dict[str, Any]:
         return distributed_arguments(self.config, torch.cuda.is_available())
@@ -189,14 +247,13 @@ class GangTrialRunner(TrialRunner):
         """Gather the full weights on rank 0; there, an unsharded model.
 
         Every rank must take part in the gathering (it is a collective); only rank 0 gets a model
-        back, loaded from the base's files with the trained weights, so scoring and saving run on
+        back, a fresh base (`fresh_base`) with the trained weights, so scoring and saving run on
         plain modules, not on shards that would need every rank for each forward.
         """
         state = self._full_state_dict(trainer, model)
         if not self.rank.is_main:
             return None
-        # The shared base of this process was sharded in place; the unsharded copy comes from disk.
-        base = ModelCache(self.config.model).base(quantized=params.method == "qlora")
+        base = self.fresh_base(quantized=params.method == "qlora")
         unsharded = (
             base if params.method == "full" else seeded_peft_model(base, lora_config(params), params.seed)
         )

@@ -219,15 +219,24 @@ def linear_layer_names(names: dict[str, str]) -> list[str]:
 
 
 def device() -> torch.device:
-    """The device this worker trains on: its one visible GPU, else the CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    """The device this worker trains on: its current GPU (its one visible GPU, or a gang rank's own), else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 class ModelCache:
-    """The worker's base models and tokenizer; `loads` counts real loads from disk or hub."""
+    """The worker's base models and tokenizer; `loads` counts real loads from disk or hub.
 
-    def __init__(self, model: ModelConfig):
+    An unquantized base goes to `place`, by default the worker's `device()`; a gang rank keeps its
+    base in CPU memory and trains copies of it (`runners.gang`).
+    """
+
+    def __init__(self, model: ModelConfig, place: torch.device | None = None):
         self.config = model
+        self.place = place
         self.loads = 0
         self._tokenizer = None
         self._bases: dict[bool, PreTrainedModel] = {}
@@ -267,10 +276,10 @@ class ModelCache:
                 bnb_4bit_use_double_quant=q.double_quant,
                 bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
             )
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": device().index}
         model = AutoModelForCausalLM.from_pretrained(self.config.name_or_path, **kwargs)
         if not quantized:
-            model.to(device())
+            model.to(self.place or device())
         model.config.use_cache = False
         self.loads += 1
         return model

@@ -1,18 +1,22 @@
 """Gang trials (issue 13): a trial trained by `workers.gpus_per_trial` processes together.
 
-The fast tests cover the config fields, the preflight checks against the visible GPUs and how the
-executor ends a gang whose ranks fail or die. The slow one is the acceptance test: on CPU, a gang
-of two gloo processes training with FSDP2 follows the loss curve of the one-process trial with the
-same global batch and records one MLflow child run per trial.
+The fast tests cover the config fields, the preflight checks against the visible GPUs, and how the
+executor ends a gang whose ranks fail or die and keeps one whose trials end well (fake ranks). The
+slow ones train on CPU, a gang of two gloo processes with FSDP2: the acceptance test, where the
+gang's processes train trial after trial, each on the loss curve of the one-process trial with the
+same global batch, with one MLflow child run per trial; a rank that dies mid-trial, after which a
+fresh gang trains on as the first did; and pruning.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from core.errors import InputError
 from core.store import Store
 from core.trial import TrialParams, TrialResult, TrialStatus
 from runners.gang import distributed_arguments
-from sweeps.executors.base import Finished, Lost, TrialJob
+from sweeps.executors.base import ExecutorCrashed, Finished, Lost, TrialJob
 from sweeps.executors.gang import GangExecutor, gang_devices
 from tests.test_bad_inputs import error_line, line_of, no_trial_ran, sweep
 from tests.test_config import VALID
@@ -337,30 +341,62 @@ def test_the_workers_option_does_not_apply_to_gangs(write_config, project):
     assert no_trial_ran(project)
 
 
-# -- how the executor ends a gang -----------------------------------------------------------------
+# -- how the executor ends a gang, and keeps it ------------------------------------------------------
+
+# What every fake rank starts with: `next_job()` is the folder of the trial whose job file path the
+# executor sends on the rank's stdin (None once the executor closed the pipe); `write` writes a file
+# atomically, as a rank does, so the executor never reads half a result.
+FAKE_RANK = """\
+import json, os, pathlib, signal, sys, time
+
+def next_job():
+    line = sys.stdin.readline().strip()
+    return pathlib.Path(line).parent if line else None
+
+def write(path, text):
+    path.with_name(path.name + ".partial").write_text(text)
+    path.with_name(path.name + ".partial").rename(path)
+"""
 
 
 def fake_ranks(monkeypatch, scripts: list[str]) -> None:
-    """Start rank r as `python -c scripts[r]` (given the gang folder as argv[1]) instead of a trainer."""
-    import subprocess
+    """Start rank r as `python -c FAKE_RANK + scripts[r]` instead of a trainer."""
+    import os
 
-    def start(self, rank, devices, port, files):
-        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(scripts[rank]), str(files.folder)])
+    def command(self, rank, devices, port):
+        return [sys.executable, "-c", FAKE_RANK + textwrap.dedent(scripts[rank])], dict(os.environ)
 
-    monkeypatch.setattr(GangExecutor, "_start_rank", start)
+    monkeypatch.setattr(GangExecutor, "_rank_command", command)
 
 
-def run_one_job(tmp_path: Path, write_config) -> list:
+def gang_executor(tmp_path: Path, write_config, extra: str = "") -> GangExecutor:
     config = parse_config(
-        gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true").read_text(), tmp_path / "g.yaml"
+        gang_yaml(write_config, GANG + "distributed:\n  allow_cpu: true\n" + extra).read_text(),
+        tmp_path / "g.yaml",
     )
-    executor = GangExecutor(config, Store(tmp_path / "mlruns"), [[]], lambda *step: None)
-    job = TrialJob(number=3, trial_id=3, params=TrialParams(), run_id="r", work_dir=str(tmp_path / "t3"))
+    return GangExecutor(config, Store(tmp_path / "mlruns"), [[]], lambda *step: None)
+
+
+def run_job(executor: GangExecutor, tmp_path: Path, number: int) -> list:
+    """Submit trial `number` and wait (at most 30 s) for how it ended."""
+    job = TrialJob(
+        number=number,
+        trial_id=number,
+        params=TrialParams(),
+        run_id="r",
+        work_dir=str(tmp_path / f"t{number}"),
+    )
     executor.submit(job)
     started = time.monotonic()
     events = []
     while not events and time.monotonic() - started < 30:
         events = executor.wait(timeout=1)
+    return events
+
+
+def run_one_job(tmp_path: Path, write_config) -> list:
+    executor = gang_executor(tmp_path, write_config)
+    events = run_job(executor, tmp_path, 3)
     executor.close()
     return events
 
@@ -368,15 +404,27 @@ def run_one_job(tmp_path: Path, write_config) -> list:
 FAILED_ON_RANK_1 = TrialResult(
     status=TrialStatus.FAILED, error="OutOfMemoryError: boom", peak_memory_mb=123.0, failure_kind="oom"
 )
-WAITS_FOR_EVER = "import time; time.sleep(600)"
+WAITS_FOR_EVER = "time.sleep(600)"
+
+
+def answers(rank: int, dies_on: int | None = None) -> str:
+    """A fake rank that completes every trial sent to it (rank 0 with objective 0.5), its pid in the
+    result's metrics, until its pipe closes; on trial `dies_on` it kills itself instead.
+    """
+    return f"""
+        while (folder := next_job()) is not None:
+            if json.loads((folder / "job.json").read_text())["number"] == {dies_on!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = {{"status": "COMPLETE", "objective": 0.5, "metrics": {{"pid": float(os.getpid())}}}}
+            write(folder / "result-rank{rank}.json", json.dumps(result))
+    """
 
 
 def test_a_rank_that_fails_its_trial_fails_it_with_its_own_error_and_memory(
     tmp_path, write_config, monkeypatch
 ):
     fails = f"""
-        import sys, pathlib
-        pathlib.Path(sys.argv[1], "result-rank1.json").write_text({FAILED_ON_RANK_1.model_dump_json()!r})
+        write(next_job() / "result-rank1.json", {FAILED_ON_RANK_1.model_dump_json()!r})
         sys.exit(1)
     """
     fake_ranks(monkeypatch, [WAITS_FOR_EVER, fails])
@@ -390,21 +438,96 @@ def test_a_rank_that_fails_its_trial_fails_it_with_its_own_error_and_memory(
 
 
 def test_a_rank_that_dies_loses_the_trial_so_the_loop_retries_it(tmp_path, write_config, monkeypatch):
-    fake_ranks(monkeypatch, [WAITS_FOR_EVER, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    fake_ranks(monkeypatch, [WAITS_FOR_EVER, "os.kill(os.getpid(), signal.SIGKILL)"])
     [event] = run_one_job(tmp_path, write_config)
     assert isinstance(event, Lost) and event.number == 3
     assert "rank 1 of the trial's gang of 2 died (exit code -9)" in event.reason
+    assert str(tmp_path / "t3" / "gang" / "rank1.log") in event.reason
+
+
+def test_a_bug_on_one_rank_crashes_the_sweep_and_stops_the_gang(tmp_path, write_config, monkeypatch):
+    bug = """
+        write(next_job() / "crash-rank1.txt", "Traceback ...\\nAttributeError: no such thing")
+        sys.exit(1)
+    """
+    fake_ranks(monkeypatch, [WAITS_FOR_EVER, bug])
+    executor = gang_executor(tmp_path, write_config)
+    with pytest.raises(ExecutorCrashed, match="rank 1 of trial 3:\nTraceback ...\nAttributeError"):
+        run_job(executor, tmp_path, 3)
+    assert executor.gangs[0].ranks is None  # rank 0 was stopped before the crash was raised
+    executor.close()
 
 
 def test_a_gang_whose_ranks_all_end_well_reports_rank_0s_result(tmp_path, write_config, monkeypatch):
-    done = TrialResult(status=TrialStatus.COMPLETE, objective=0.5)
-    writes = f"""
-        import sys, pathlib
-        pathlib.Path(sys.argv[1], "result-rank0.json").write_text({done.model_dump_json()!r})
-    """
-    fake_ranks(monkeypatch, [writes, "pass"])
+    fake_ranks(monkeypatch, [answers(0), answers(1)])
     [event] = run_one_job(tmp_path, write_config)
     assert isinstance(event, Finished) and event.result.objective == 0.5
+
+
+def test_a_gang_that_ends_its_trials_well_trains_the_next_in_the_same_processes(
+    tmp_path, write_config, monkeypatch
+):
+    fake_ranks(monkeypatch, [answers(0), answers(1)])
+    executor = gang_executor(tmp_path, write_config)
+    events = [event for number in range(3) for event in run_job(executor, tmp_path, number)]
+    processes = executor.gangs[0].ranks
+    assert [e.number for e in events] == [0, 1, 2] and all(isinstance(e, Finished) for e in events)
+    assert {e.result.metrics["pid"] for e in events} == {float(processes[0].pid)}
+    executor.close()
+    # Closed between trials: each rank saw its pipe end and left on its own, not by a signal.
+    assert [process.returncode for process in processes] == [0, 0]
+
+
+def test_after_a_rank_dies_the_next_trial_runs_on_a_fresh_gang(tmp_path, write_config, monkeypatch):
+    fake_ranks(monkeypatch, [answers(0), answers(1, dies_on=1)])
+    executor = gang_executor(tmp_path, write_config)
+    [first] = run_job(executor, tmp_path, 0)
+    old = executor.gangs[0].ranks
+    [lost] = run_job(executor, tmp_path, 1)
+    assert isinstance(lost, Lost) and "rank 1 of the trial's gang of 2 died (exit code -9)" in lost.reason
+    assert executor.gangs[0].ranks is None
+    assert old[0].returncode is not None  # rank 0, left waiting for rank 1, was stopped with it
+    [after] = run_job(executor, tmp_path, 2)
+    assert isinstance(after, Finished) and after.result.metrics["pid"] != first.result.metrics["pid"]
+    assert executor.gangs[0].ranks[0].pid == after.result.metrics["pid"]
+    executor.close()
+
+
+def test_a_rank_that_died_between_trials_is_replaced_with_its_whole_gang(tmp_path, write_config, monkeypatch):
+    fake_ranks(monkeypatch, [answers(0), answers(1)])
+    executor = gang_executor(tmp_path, write_config)
+    [first] = run_job(executor, tmp_path, 0)
+    old = executor.gangs[0].ranks
+    old[1].kill()
+    old[1].wait()
+    [after] = run_job(executor, tmp_path, 1)
+    assert isinstance(after, Finished) and after.result.metrics["pid"] != first.result.metrics["pid"]
+    assert old[0].returncode is not None
+    executor.close()
+
+
+def test_a_deepspeed_gang_is_started_afresh_for_every_trial(tmp_path, write_config, monkeypatch):
+    fake_ranks(monkeypatch, [answers(0), answers(1)])
+    executor = gang_executor(tmp_path, write_config, "  strategy: zero2\n")
+    [first] = run_job(executor, tmp_path, 0)
+    assert executor.gangs[0].ranks is None  # closed once its trial ended
+    [second] = run_job(executor, tmp_path, 1)
+    assert first.result.metrics["pid"] != second.result.metrics["pid"]
+    executor.close()
+
+
+def test_closing_on_an_interrupt_ends_a_training_gang_at_once(tmp_path, write_config, monkeypatch):
+    fake_ranks(monkeypatch, [WAITS_FOR_EVER, WAITS_FOR_EVER])
+    executor = gang_executor(tmp_path, write_config)
+    executor.submit(
+        TrialJob(number=0, trial_id=0, params=TrialParams(), run_id="r", work_dir=str(tmp_path / "t0"))
+    )
+    assert executor.wait(timeout=0.5) == []
+    processes = executor.gangs[0].ranks
+    started = time.monotonic()
+    executor.close(interrupted=True)
+    assert time.monotonic() - started < 5
+    assert [process.returncode for process in processes] == [-15, -15]  # SIGTERM, no grace waited for
 
 
 # -- pruning: rank 0 decides, every rank stops ---------------------------------------------------
@@ -481,6 +604,39 @@ def test_only_rank_0_reports_the_intermediate_value_to_the_pruner(monkeypatch):
 RTOL = 1e-4
 
 
+@dataclass(frozen=True)
+class RankLog:
+    """What a rank's log in a trial's folder says of the process that trained it (`_RankTrainer.run`)."""
+
+    pid: int
+    trials: int
+    """The trial's place among this process's trials: 1 for a fresh gang."""
+    base_loads: int
+    """Times the process had read the base from disk before the trial."""
+    holds_last_model: bool
+
+
+def rank_logs(trial: int) -> list[RankLog]:
+    """Rank 0's and rank 1's lines of trial `trial` of the sweep "tiny"."""
+    pattern = (
+        r"pid (\d+): trial \d+, this process's trial (\d+); base loads (\d+); "
+        r"last trial's model in memory: (True|False)"
+    )
+    logs = []
+    for rank in (0, 1):
+        text = Path(f"mlruns/trials/tiny/trial-{trial}/gang/rank{rank}.log").read_text()
+        pid, trials, loads, holds = re.search(pattern, text).groups()
+        logs.append(RankLog(int(pid), int(trials), int(loads), holds == "True"))
+    return logs
+
+
+def train_losses(client, run) -> list[float]:
+    return [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+    ]
+
+
 def trained_alone(runner, params: TrialParams, folder: Path) -> tuple[TrialResult, list[float]]:
     """The trial in this one process, and its train_loss by step."""
     from runners.sft import TrialCallbacks
@@ -497,7 +653,7 @@ def trained_alone(runner, params: TrialParams, folder: Path) -> tuple[TrialResul
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("mlflow_db")
-def test_a_two_process_gang_trains_the_loss_curve_of_one_process_with_the_same_global_batch(
+def test_a_two_process_gang_trains_trial_after_trial_on_the_loss_curve_of_one_process_with_the_same_batch(
     write_config, monkeypatch
 ):
     from runners.sft import TrialRunner
@@ -541,6 +697,74 @@ def test_a_two_process_gang_trains_the_loss_curve_of_one_process_with_the_same_g
         artifact = "model" if method == "full" else "adapter"
         names = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, artifact)}
         assert names & {"adapter_model.safetensors", "model.safetensors"}
+
+    # One gang trained both trials: the same two processes, the base read from disk once in each,
+    # and the first trial's (sharded) model gone before the second began. The grid deals LoRA first,
+    # so the full fine-tuning trial's curve above shows it began from the base as loaded, not from
+    # a model the LoRA trial wrapped and FSDP2 sharded in the same process.
+    from tests.test_faults import by_number
+
+    assert by_number(children)[0].data.params["method"] == "lora"
+    first, second = rank_logs(0), rank_logs(1)
+    assert [log.pid for log in first] == [log.pid for log in second]
+    assert [(log.trials, log.base_loads) for log in second] == [(2, 1), (2, 1)]
+    assert not any(log.holds_last_model for log in second)
+
+
+# Why 1e-6 between the trials of one gang: each is the same computation, on the same rows in the
+# same order, from the same weights and seed; a process's earlier trial changes nothing of it (the
+# base is a fresh copy, accelerate's state is reset by each Trainer, the process group is the same
+# two processes). Measured here: equal to the last bit. 1e-6 lets through a kernel that sums in
+# another order on other hardware; what reuse could break (weights left from the trial before,
+# random state drawn differently) moves the curve far more: each of its three steps moves it 4-6%.
+SAME_GANG_RTOL = 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("mlflow_db")
+def test_after_a_gang_rank_dies_mid_trial_the_next_trial_trains_on_a_fresh_gang(write_config, monkeypatch):
+    from tests.test_faults import by_number
+    from tests.test_sweep import runs, trial_states
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    start_rank = GangExecutor._rank_command
+
+    def rank_1_dies_in_trial_1(self, rank, devices, port):
+        command, env = start_rank(self, rank, devices, port)
+        if rank == 1:  # only rank 1: rank 0 is left waiting for it in a collective
+            env["SWEEP_FAULTS"] = "1:sigkill@1"
+        return command, env
+
+    monkeypatch.setattr(GangExecutor, "_rank_command", rank_1_dies_in_trial_1)
+    config = write_config(
+        space="learning_rate: {type: categorical, choices: [0.01]}",  # every trial the same
+        training="method: full\nmax_steps: 3\nper_device_batch_size: 4\ncutoff_len: 48",
+        extra=GANG + "distributed:\n  allow_cpu: true",
+    )
+    result = sweep("run", config, "--trials", 3)
+    assert result.exit_code == 0, result.output
+
+    # Trial 1 died on the gang's second trial; trial 2 (its retry) and 3 ran on a fresh gang.
+    assert trial_states("tiny") == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    parent, children = runs("tiny")
+    children = by_number(children)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["worker_restarts"] == 1
+    assert [children[n].info.status for n in range(4)] == ["FINISHED", "FAILED", "FINISHED", "FINISHED"]
+    assert "rank 1 of the trial's gang of 2 died (exit code -9)" in children[1].data.tags["error"]
+    logs = {n: rank_logs(n) for n in range(4)}
+    pids = {n: [log.pid for log in logs[n]] for n in logs}
+    assert pids[0] == pids[1] and pids[2] == pids[3]
+    assert not set(pids[1]) & set(pids[2])
+    assert [log.trials for log in logs[2] + logs[3]] == [1, 1, 2, 2]
+
+    # The same trial thrice, on a fresh gang's first trial (0, 2) and on its second (3): one curve.
+    client = MlflowClient(f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    curves = {n: train_losses(client, children[n]) for n in (0, 2, 3)}
+    assert len(curves[0]) == 3
+    assert curves[2] == pytest.approx(curves[0], rel=SAME_GANG_RTOL), curves
+    assert curves[3] == pytest.approx(curves[2], rel=SAME_GANG_RTOL), curves
+    objectives = [children[n].data.metrics["objective"] for n in (0, 2, 3)]
+    assert objectives == pytest.approx([objectives[0]] * 3, rel=SAME_GANG_RTOL)
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ the failure budget, records) is the one sweep loop's, as on every backend.
 
 Gang trials (`workers.gpus_per_trial: G` > 1) are the local backend's gangs, one to an actor: the
 actor reserves G GPUs (`ray.gpus_per_trial` follows G) and runs a `GangExecutor` over the GPUs Ray
-gave it, so starting a trial's G rank processes, stopping them and telling a failed trial from a
-lost one is that executor's alone. Ray places each actor on one node, so a gang never spans hosts:
+gave it, so starting the gang's G rank processes (kept between its trials), stopping them and
+telling a failed trial from a lost one is that executor's alone. Ray places each actor on one node, so a gang never spans hosts:
 its ranks meet at MASTER_ADDR 127.0.0.1, as NCCL and gloo over localhost need, and a node with fewer
 than G GPUs never holds a gang. On a cluster without GPUs (with `distributed.allow_cpu`) an actor
 takes no GPU and runs its gang as G CPU processes over gloo. Not Ray Train's TorchTrainer: it runs

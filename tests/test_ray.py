@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import sweeps.executors.ray
 from core.config import parse_config
 from core.errors import InputError
-from sweeps.executors.ray import actor_gpus, ray_slots
+from sweeps.executors.ray import _gang_gpus, actor_gpus, ray_slots, start_ray
 from tests.test_bad_inputs import line_of, no_trial_ran
 from tests.test_config import VALID
 from tests.test_sweep import runs, sweep, trial_states
@@ -185,6 +189,44 @@ def test_on_a_ray_cluster_without_gpus_a_gang_actor_takes_none_and_a_cpu_a_rank(
     config = parse_config(VALID + RAY_GANG, Path("x.yaml"))
     assert actor_gpus(config, [{"CPU": 4}]) == 0
     assert ray_slots(config, [{"CPU": 4}]) == 2
+
+
+def test_a_gang_actor_no_ray_node_has_the_cpus_for_is_one_error_not_a_wait_for_ever(monkeypatch):
+    config = parse_config(VALID + RAY_GANG, Path("x.yaml"))
+    monkeypatch.setattr(sweeps.executors.ray, "alive_nodes", lambda: [{"CPU": 1.0}])
+    with pytest.raises(InputError) as caught:
+        _gang_gpus(config)
+    assert caught.value.field == "ray.cpus_per_trial"
+    assert "takes 2 CPUs, but no Ray node has that many (at most 1)" in caught.value.message
+
+
+def test_starting_ray_keeps_the_sweeps_sigterm_handler(monkeypatch):
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    def init(**kwargs):  # as ray.init does: a SIGTERM handler of its own
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(init=init))
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        start_ray(parse_config(VALID, Path("x.yaml")), None)
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_ray_address_with_no_cluster_is_one_error_at_its_line(monkeypatch):
+    def init(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(init=init))
+    text = VALID + "backend: ray\nray: {address: auto}\n"
+    with pytest.raises(InputError) as caught:
+        start_ray(parse_config(text, Path("x.yaml")), None)
+    assert caught.value.field == "ray.address"
+    assert "cannot join Ray at auto: Could not find any running Ray instance." in caught.value.message
+    assert caught.value.line == len(text.splitlines())
 
 
 # Two local Ray CPUs hold one CPU gang of two ranks: trials one after another, as the 2-core machine

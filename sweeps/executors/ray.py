@@ -20,7 +20,10 @@ thread, where a non-threaded actor runs its methods, and ask for SIGKILL when it
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,14 +96,29 @@ def start_ray(config: SweepConfig, address: str | None) -> None:
 
     settings = config.ray
     address = address or settings.address
-    ray.init(
-        address=address,
-        num_cpus=None if address else settings.num_cpus,
-        num_gpus=None if address else settings.num_gpus,
-        include_dashboard=False,
-        ignore_reinit_error=True,
-        log_to_driver=False,
-    )
+    # ray.init installs a SIGTERM handler of its own (sys.exit), which would turn `kill` of the
+    # sweep into a crash instead of the clean stop `stop_on_signals` makes of it.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(
+            address=address,
+            num_cpus=None if address else settings.num_cpus,
+            num_gpus=None if address else settings.num_gpus,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            log_to_driver=False,
+            # Ray's start-up notices would stand above the live view or a one-line error.
+            logging_level=logging.ERROR,
+        )
+    except ConnectionError as exc:
+        field = "ray.address" if "address" in settings.model_fields_set else "backend"
+        raise config.error(field, f"cannot join Ray at {address}: {exc}") from None
+    except ValueError as exc:
+        # Ray refuses a local instance of more GPUs than the machine shows.
+        raise config.error("ray.num_gpus", str(exc).splitlines()[0]) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -148,7 +166,17 @@ def _gang_gpus(config: SweepConfig) -> list[str]:
     for such a node for ever.
     """
     size = config.workers.gpus_per_trial
-    per_node = sorted((node.get("GPU", 0) for node in alive_nodes()), reverse=True)
+    nodes = alive_nodes()
+    cpus = config.ray.cpus_per_trial
+    if not any(node.get("CPU", 0) >= cpus for node in nodes):
+        # Ray would wait for ever to place an actor no node holds.
+        most = max((node.get("CPU", 0) for node in nodes), default=0)
+        raise config.error(
+            "ray.cpus_per_trial",
+            f"a gang trial's actor takes {cpus:g} CPUs, but no Ray node has that many (at most "
+            f"{most:g}); lower ray.cpus_per_trial or give Ray more CPUs (ray.num_cpus)",
+        )
+    per_node = sorted((node.get("GPU", 0) for node in nodes), reverse=True)
     if not any(per_node):
         return []
     if per_node[0] < size:

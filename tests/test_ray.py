@@ -10,10 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import sweeps.executors.ray
 from core.config import parse_config
 from core.errors import InputError
-from sweeps.executors.ray import _gang_gpus, actor_gpus, ray_slots, start_ray
+from sweeps.executors.ray import actor_gpus, check_placement, ray_slots, start_ray
 from tests.test_bad_inputs import line_of, no_trial_ran
 from tests.test_config import VALID
 from tests.test_sweep import runs, sweep, trial_states
@@ -191,13 +190,20 @@ def test_on_a_ray_cluster_without_gpus_a_gang_actor_takes_none_and_a_cpu_a_rank(
     assert ray_slots(config, [{"CPU": 4}]) == 2
 
 
-def test_a_gang_actor_no_ray_node_has_the_cpus_for_is_one_error_not_a_wait_for_ever(monkeypatch):
+def test_a_gang_actor_no_ray_node_has_the_cpus_for_is_one_error_not_a_wait_for_ever():
     config = parse_config(VALID + RAY_GANG, Path("x.yaml"))
-    monkeypatch.setattr(sweeps.executors.ray, "alive_nodes", lambda: [{"CPU": 1.0}])
     with pytest.raises(InputError) as caught:
-        _gang_gpus(config)
+        check_placement(config, [{"CPU": 1.0}])
     assert caught.value.field == "ray.cpus_per_trial"
     assert "takes 2 CPUs, but no Ray node has that many (at most 1)" in caught.value.message
+
+
+def test_a_trial_actor_no_ray_node_has_the_gpus_for_is_one_error_not_a_wait_for_ever():
+    config = parse_config(VALID + "backend: ray\nray: {gpus_per_trial: 1}\n", Path("x.yaml"))
+    with pytest.raises(InputError) as caught:
+        check_placement(config, [{"CPU": 8.0}])
+    assert caught.value.field == "ray.gpus_per_trial"
+    assert "takes 1 GPUs and 1 CPUs, but no Ray node has both (GPUs a node: 0)" in caught.value.message
 
 
 def test_starting_ray_keeps_the_sweeps_sigterm_handler(monkeypatch):

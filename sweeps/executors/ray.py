@@ -152,13 +152,16 @@ def ray_gang_preflight(config: SweepConfig, store: Store, address: str | None):
 
     start_ray(config, address)
     try:
-        return preflight(config, store, gang_gpus=_gang_gpus(config))
+        nodes = alive_nodes()
+        gang_gpus = _gang_gpus(config, nodes)
+        check_placement(config, nodes)
+        return preflight(config, store, gang_gpus=gang_gpus)
     except InputError:
         ray.shutdown()
         raise
 
 
-def _gang_gpus(config: SweepConfig) -> list[str]:
+def _gang_gpus(config: SweepConfig, nodes: list[dict[str, float]]) -> list[str]:
     """The GPUs one gang actor will see: G (stand-ins: Ray picks the ids as it starts the actor), or
     none on a cluster without GPUs (a CPU gang).
 
@@ -166,16 +169,6 @@ def _gang_gpus(config: SweepConfig) -> list[str]:
     for such a node for ever.
     """
     size = config.workers.gpus_per_trial
-    nodes = alive_nodes()
-    cpus = config.ray.cpus_per_trial
-    if not any(node.get("CPU", 0) >= cpus for node in nodes):
-        # Ray would wait for ever to place an actor no node holds.
-        most = max((node.get("CPU", 0) for node in nodes), default=0)
-        raise config.error(
-            "ray.cpus_per_trial",
-            f"a gang trial's actor takes {cpus:g} CPUs, but no Ray node has that many (at most "
-            f"{most:g}); lower ray.cpus_per_trial or give Ray more CPUs (ray.num_cpus)",
-        )
     per_node = sorted((node.get("GPU", 0) for node in nodes), reverse=True)
     if not any(per_node):
         return []
@@ -189,11 +182,32 @@ def _gang_gpus(config: SweepConfig) -> list[str]:
     return [str(gpu) for gpu in range(size)]
 
 
+def check_placement(config: SweepConfig, nodes: list[dict[str, float]]) -> None:
+    """Raise `InputError` where no live node holds one trial's actor: Ray would wait for ever to place it."""
+    cpus, gpus = config.ray.cpus_per_trial, actor_gpus(config, nodes)
+    if any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        return
+    if not any(node.get("CPU", 0) >= cpus for node in nodes):
+        most = max((node.get("CPU", 0) for node in nodes), default=0)
+        raise config.error(
+            "ray.cpus_per_trial",
+            f"a trial's actor takes {cpus:g} CPUs, but no Ray node has that many (at most "
+            f"{most:g}); lower ray.cpus_per_trial or give Ray more CPUs (ray.num_cpus)",
+        )
+    counts = ", ".join(f"{node.get('GPU', 0):g}" for node in nodes)
+    raise config.error(
+        "ray.gpus_per_trial",
+        f"a trial's actor takes {gpus:g} GPUs and {cpus:g} CPUs, but no Ray node has both "
+        f"(GPUs a node: {counts})",
+    )
+
+
 def ray_slots(config: SweepConfig, nodes: list[dict[str, float]]) -> int:
     """Trials at once: `ray.max_concurrent_trials`, else as many actors as the nodes hold.
 
     Counted node by node, as Ray places an actor's CPUs and GPUs on one node: a gang trial's actor
     takes G GPUs, so two nodes of 3 GPUs hold two gangs of 2, not the three their sum would give.
+    At least one, once `check_placement` passed.
     """
     settings = config.ray
     if settings.max_concurrent_trials is not None:
@@ -205,7 +219,7 @@ def ray_slots(config: SweepConfig, nodes: list[dict[str, float]]) -> int:
         if gpus:
             fits = min(fits, int(node.get("GPU", 0) // gpus))
         slots += fits
-    return max(slots, 1)
+    return slots
 
 
 class RayActors(Executor):
@@ -223,6 +237,7 @@ class RayActors(Executor):
         # The queue is a small actor of its own; it must not take a CPU a trial needs.
         self.progress = Queue(actor_options={"num_cpus": 0})
         nodes = alive_nodes()
+        check_placement(config, nodes)
         self.actor_class = ray.remote(num_cpus=config.ray.cpus_per_trial, num_gpus=actor_gpus(config, nodes))(
             _TrialActor
         )

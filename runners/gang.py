@@ -208,13 +208,18 @@ class GangTrialRunner(TrialRunner):
             return ModelCache(self.config.model).base(quantized=True)
         return copy_to(self.models.base(), device())
 
-    def _trainable(self, params: TrialParams) -> _Trainable:
-        """The trial's model on a fresh base: FSDP2 will shard it, so nothing of it outlives the trial."""
+    def _trial_model(self, params: TrialParams) -> torch.nn.Module:
+        """The trial's model on a fresh base: the base itself for full fine-tuning, else its adapter on it."""
         base = self.fresh_base(quantized=params.method == "qlora")
         if params.method == "full":
-            model = base.requires_grad_(True)
-        else:
-            model = seeded_peft_model(base, lora_config(params), params.seed)
+            return base
+        return seeded_peft_model(base, lora_config(params), params.seed)
+
+    def _trainable(self, params: TrialParams) -> _Trainable:
+        """The trial's model on a fresh base: FSDP2 will shard it, so nothing of it outlives the trial."""
+        model = self._trial_model(params)
+        if params.method == "full":
+            model.requires_grad_(True)
         self._last_model = weakref.ref(model)
         return _Trainable(model)
 
@@ -253,10 +258,7 @@ class GangTrialRunner(TrialRunner):
         state = self._full_state_dict(trainer, model)
         if not self.rank.is_main:
             return None
-        base = self.fresh_base(quantized=params.method == "qlora")
-        unsharded = (
-            base if params.method == "full" else seeded_peft_model(base, lora_config(params), params.seed)
-        )
+        unsharded = self._trial_model(params)
         unsharded.load_state_dict(state)
         return unsharded
 

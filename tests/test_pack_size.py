@@ -149,12 +149,17 @@ def job(number: int) -> TrialJob:
     )
 
 
-def test_a_pack_step_out_of_memory_halves_the_pack_and_every_trial_goes_on(make_executor, monkeypatch):
-    executor = make_executor(8)
-    for number in range(8):
+def run_out_of_memory(executor: Packed, trials: int, monkeypatch) -> list:
+    """Submit `trials` trials and wait once, every pack step running out of memory."""
+    for number in range(trials):
         executor.submit(job(number))
     monkeypatch.setattr(FakePack, "oom", True)
-    events = executor.wait(timeout=1.0)
+    return executor.wait(timeout=1.0)
+
+
+def test_a_pack_step_out_of_memory_halves_the_pack_and_every_trial_goes_on(make_executor, monkeypatch):
+    executor = make_executor(8)
+    events = run_out_of_memory(executor, 8, monkeypatch)
     assert events == []  # no trial failed: the pack was too big, not the trials
     first, second = executor.fake_packs
     assert first.closed and second.capacity == 4 and second.trials == [0, 1, 2, 3]
@@ -163,10 +168,7 @@ def test_a_pack_step_out_of_memory_halves_the_pack_and_every_trial_goes_on(make_
 
 def test_trials_a_pack_restarts_drop_their_unwritten_curve_and_count_the_restart(make_executor, monkeypatch):
     executor = make_executor(4)
-    for number in range(4):
-        executor.submit(job(number))
-    monkeypatch.setattr(FakePack, "oom", True)
-    executor.wait(timeout=1.0)
+    run_out_of_memory(executor, 4, monkeypatch)
     monkeypatch.setattr(FakePack, "oom", False)
     complete = TrialResult(status=TrialStatus.COMPLETE, objective=1.0)
     monkeypatch.setattr(FakePack, "advance", lambda pack, max_steps=None: [(0, complete), (1, complete)])
@@ -181,10 +183,7 @@ def test_the_smaller_pack_is_built_after_the_out_of_memory_error_is_released(mak
     # Built while the error is being handled, its traceback would still hold the failed step's
     # activations, and the new pack's first allocations would run out of memory again.
     executor = make_executor(8)
-    for number in range(8):
-        executor.submit(job(number))
-    monkeypatch.setattr(FakePack, "oom", True)
-    executor.wait(timeout=1.0)
+    run_out_of_memory(executor, 8, monkeypatch)
     assert executor.fake_packs[1].built_during is None
 
 
